@@ -1,0 +1,240 @@
+"""Typed run configuration, loaded from YAML in ``configs/`` and validated at start-up.
+
+A run config has five sections, each a dataclass::
+
+    model:   pop3d.model.config.StudentConfig   (the TPVFormer student)
+    teacher: teacher.live.TeacherConfig         (the frozen 2D teacher)
+    data:    DataConfig                         (shards, grid, image size for the student)
+    train:   TrainConfig                        (optimiser, schedule, losses, precision)
+    eval:    EvalConfig                         (zero-shot evaluation)
+
+Unknown keys, wrong types and out-of-range values are errors that name the YAML file and the key, e.g.
+``configs/tiny.yaml: train.lr: expected a number, got 'fast'``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the file and the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become student inputs."""
+
+    shards: str = "data/shards"
+    """Folder holding ``manifest.json`` and the tar shards (scripts/build_shards.py)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: int = 2
+    shuffle_buffer: int = 0
+    """Samples held for shuffling inside a worker (0: shard-level shuffling only)."""
+    student_image_hw: tuple[int, int] | None = None
+    """Resize the six images to (H, W) for the student (None: original size, as the paper). ``lidar2img``
+    is rescaled to match; the teacher always gets the original images."""
+    photometric_aug: bool = True
+    """PhotoMetricDistortion on the student's images in training (never on the teacher's)."""
+
+    def validate(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+        if self.student_image_hw is not None:
+            h, w = self.student_image_hw
+            if h <= 0 or w <= 0:
+                raise ValueError(f"student_image_hw must be positive, got {self.student_image_hw}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule, losses and precision (pipeline.md §3; defaults are the official run)."""
+
+    epochs: int = 12
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (None: run all epochs)."""
+    lr: float = 1e-4
+    """Base LR. The official config says 2e-4 but the command line default 1e-4 always won (pipeline.md §3.4)."""
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.01
+    grad_max_norm: float = 35.0
+    warmup_steps: int = 500
+    warmup_lr_init: float = 1e-5
+    lr_min: float = 1e-6
+    feature_loss_weight: float = 1.0
+    batch_size: int = 1
+    """Samples per process per step. The official model assumes 1 (student.md §6)."""
+    grad_accum_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    """Save a resumable state every this many steps (and at every epoch end)."""
+    output_dir: str = "runs/pop3d"
+    init_weights: str | None = None
+    """safetensors to start from: a converted FCOS3D file (backbone + neck) or a full POP-3D checkpoint."""
+    init_kind: Literal["fcos3d", "pop3d"] = "fcos3d"
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.batch_size != 1:
+            raise ValueError("batch_size must be 1 per process (the official TPVFormer head assumes B=1; use "
+                             "more processes or grad_accum_steps for a larger effective batch)")
+        for name in ("lr", "warmup_lr_init", "lr_min"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1 or null")
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation (pipeline.md §4)."""
+
+    text_embeddings: str | None = None
+    """safetensors from scripts/text_embeddings.py (or the converted zeroshot_weights.pth)."""
+    normalized_cosine: bool = False
+    """Score with cosine instead of the official raw dot product."""
+    max_samples: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: Any = None
+    teacher: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _section_types() -> dict[str, type]:
+    # Imported here so that `pop3d.config` stays importable while reading a YAML without building models.
+    from pop3d.model.config import StudentConfig
+    from teacher.live import TeacherConfig
+
+    return {"model": StudentConfig, "teacher": TeacherConfig, "data": DataConfig, "train": TrainConfig,
+            "eval": EvalConfig}
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a type annotation; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+        if hasattr(obj, "validate"):
+            obj.validate()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return obj
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config from YAML.
+
+    ``overrides`` are ``section.key=value`` strings (value parsed as YAML), e.g. ``train.max_steps=10``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = yaml.safe_load(value)
+    sections = _section_types()
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(sections)}")
+    built = {name: _build(cls, raw.get(name), f"{path}: {name}") for name, cls in sections.items()}
+    return RunConfig(**built)
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain dict of a (nested) config, for logging and saving next to checkpoints."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    return cfg

@@ -1,0 +1,95 @@
+"""Training losses (pipeline.md §3.2): Lovasz-softmax + cross-entropy on the voxel occupancy logits and
+MSE between the student's point features and the live teacher's targets.
+
+    total = lovasz(softmax(logits_vox), occupancy) + CE(logits_vox, occupancy) + w * MSE(pred_fts, teacher_fts)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss w.r.t. sorted errors (Berman et al. 2018).
+
+    gt_sorted: (P,) float 0/1 ground truth sorted by decreasing error -> (P,)
+    """
+    gts = gt_sorted.sum()
+    intersection = gts - gt_sorted.cumsum(0)
+    union = gts + (1.0 - gt_sorted).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    if gt_sorted.numel() > 1:
+        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return jaccard
+
+
+def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str = "present") -> torch.Tensor:
+    """Multi-class Lovasz-softmax on flattened predictions.
+
+    probas: (P, C) class probabilities; labels: (P,) int in [0, C). ``classes='present'`` averages over the
+    classes that occur in ``labels`` (the official setting), ``'all'`` over all C classes.
+    Returns a scalar; 0 when P == 0.
+    """
+    if probas.numel() == 0:
+        return probas.sum() * 0.0
+    num_classes = probas.shape[1]
+    losses = []
+    for c in range(num_classes):
+        fg = (labels == c).to(probas.dtype)
+        if classes == "present" and fg.sum() == 0:
+            continue
+        errors = (fg - probas[:, c]).abs()
+        errors_sorted, perm = torch.sort(errors, descending=True)
+        losses.append(torch.dot(errors_sorted, lovasz_grad(fg[perm])))
+    if not losses:
+        return probas.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Lovasz-softmax over all voxels of the batch at once (per_image=False, classes='present').
+
+    logits: (B, C, *spatial); labels: (B, *spatial) int, ``ignore_index`` entries left out.
+    """
+    c = logits.shape[1]
+    probas = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1).movedim(1, -1).reshape(-1, c)
+    labels = labels.reshape(-1).long()
+    keep = labels != ignore_index
+    return lovasz_softmax_flat(probas[keep], labels[keep])
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    lovasz: torch.Tensor
+    ce: torch.Tensor
+    feature: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(v.detach()) for k, v in vars(self).items()}
+
+
+def pop3d_loss(logits_vox: torch.Tensor, occupancy: torch.Tensor, point_features: torch.Tensor | None,
+               teacher_features: torch.Tensor | None, feature_weight: float = 1.0) -> LossTerms:
+    """The official training loss.
+
+    logits_vox: (B, 2, X, Y, Z); occupancy: (B, X, Y, Z) int (0 empty, 1 occupied, 255 ignored);
+    point_features: (M, C) student features at the projected points (duplicates for multi-camera points);
+    teacher_features: (M, C) raw teacher targets. The MSE averages over all M x C elements; with M == 0 it is 0.
+    """
+    labels = occupancy.long()
+    lov = lovasz_softmax(logits_vox, labels)
+    ce = F.cross_entropy(logits_vox.float(), labels, ignore_index=IGNORE_INDEX)
+    if point_features is None or teacher_features is None or point_features.numel() == 0:
+        feat = logits_vox.sum() * 0.0
+    else:
+        if point_features.shape != teacher_features.shape:
+            raise ValueError(f"student features {tuple(point_features.shape)} and teacher targets "
+                             f"{tuple(teacher_features.shape)} differ in shape")
+        feat = F.mse_loss(point_features.float(), teacher_features.float())
+    total = lov + ce + feature_weight * feat
+    return LossTerms(total=total, lovasz=lov, ce=ce, feature=feat)

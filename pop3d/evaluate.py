@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pop3d.metrics import EMPTY_CLASS, IGNORE_LABEL, MeanIoU, voxel_prediction
+from pop3d.metrics import EMPTY_CLASS, IGNORE_LABEL, MeanIoU, voxel_prediction, zero_shot_classes
 from pop3d.preprocess import prepare_student_inputs
 
 CLASS_NAMES = ("barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
@@ -45,9 +45,9 @@ def prompts_from_raw(embeddings: torch.Tensor, raw_ids: torch.Tensor) -> TextPro
 
 def load_text_prompts(path: str | Path) -> TextPrompts:
     """Text embeddings saved by scripts/text_embeddings.py (or converted from zeroshot_weights.pth)."""
-    from teacher.text import load_text_embeddings
+    from teacher.checkpoint import load_text_embeddings
 
-    emb, raw_ids = load_text_embeddings(path)
+    emb, raw_ids, _ = load_text_embeddings(path)
     return prompts_from_raw(emb, raw_ids)
 
 
@@ -64,36 +64,53 @@ def occupancy_gt(eval_gt: torch.Tensor) -> torch.Tensor:
     return torch.where(eval_gt == IGNORE_LABEL, torch.full_like(occ, IGNORE_LABEL), occ)
 
 
+@dataclass
+class EvalMeters:
+    semantic: MeanIoU
+    """Voxels, 17 classes (16 + empty) against the ray-cast GT: the headline ``vox_clip_all``."""
+    occupancy: MeanIoU
+    """Voxels, free / occupied against the ray-cast GT (``vox_agn_all``)."""
+    points: MeanIoU
+    """LiDAR points, 16 classes against their own lidarseg labels (ignore 0), from the point features."""
+    samples: int = 0
+
+
 @torch.no_grad()
 def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, student_image_hw=None,
              normalized_cosine: bool = False, max_samples: int | None = None, progress: bool = True
-             ) -> tuple[MeanIoU, MeanIoU, int]:
-    """Run zero-shot evaluation over ``loader``; returns (semantic meter, occupancy meter, samples seen)."""
+             ) -> EvalMeters:
+    """Run zero-shot evaluation over ``loader`` (batch size 1).
+
+    The student is called as the original evaluation did: features asked at every LiDAR point (grid
+    coordinates, clipped), voxel features on (pipeline.md §4.2).
+    """
     from tqdm.auto import tqdm
 
-    semantic = MeanIoU(list(range(1, 18)), list(CLASS_NAMES))
-    occupancy = MeanIoU([0, 1], ["free", "occupied"])
+    meters = EvalMeters(MeanIoU(list(range(1, 18)), list(CLASS_NAMES)), MeanIoU([0, 1], ["free", "occupied"]),
+                        MeanIoU(list(range(1, 17)), list(CLASS_NAMES[:16]), ignore_label=0))
     text = prompts.embeddings.to(device)
     prompt_class = prompts.prompt_class.to(device)
     model.eval()
-    seen = 0
     bar = tqdm(total=max_samples, desc="eval", disable=not progress, dynamic_ncols=True)
     for batch in loader:
-        if batch.get("eval_gt") is None:
-            raise ValueError("the evaluation split has no lidarseg ground truth (eval_gt is None)")
+        if batch.get("eval_gt") is None or batch.get("labels") is None:
+            raise ValueError(f"sample {batch['tokens'][0]}: the evaluation split has no lidarseg ground truth")
+        if len(batch["tokens"]) != 1:
+            raise ValueError("evaluation runs with batch size 1")
         imgs, lidar2img, img_shape = prepare_student_inputs(
             batch["images"].to(device), batch["lidar2img"].to(device), out_hw=student_image_hw)
-        out = model(imgs, lidar2img, img_shape, points=None, features=None, voxel_features=True)
-        for b in range(imgs.shape[0]):
-            pred = voxel_prediction(out.logits_vox[b].float(), out.logits_vox_fts[b].float(), text, prompt_class,
-                                    normalized_cosine)
-            gt = batch["eval_gt"][b].to(device).long()
-            semantic.update(pred, gt)
-            occupancy.update((pred != EMPTY_CLASS).long(), occupancy_gt(gt))
-            seen += 1
-            bar.update(1)
-            if max_samples is not None and seen >= max_samples:
-                bar.close()
-                return semantic, occupancy, seen
+        pts = batch["grid_ind"][0].to(device).float().unsqueeze(0)
+        out = model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=True)
+        pred = voxel_prediction(out.logits_vox[0].float(), out.logits_vox_fts[0].float(), text, prompt_class,
+                                normalized_cosine)
+        gt = batch["eval_gt"][0].to(device).long()
+        meters.semantic.update(pred, gt)
+        meters.occupancy.update((pred != EMPTY_CLASS).long(), occupancy_gt(gt))
+        pt_pred = zero_shot_classes(out.logits_pts_fts[0].float(), text, prompt_class, normalized_cosine)
+        meters.points.update(pt_pred, batch["labels"][0].to(device).long())
+        meters.samples += 1
+        bar.update(1)
+        if max_samples is not None and meters.samples >= max_samples:
+            break
     bar.close()
-    return semantic, occupancy, seen
+    return meters

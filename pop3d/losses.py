@@ -81,6 +81,9 @@ def pop3d_loss(logits_vox: torch.Tensor, occupancy: torch.Tensor, point_features
     point_features: (M, C) student features at the projected points (duplicates for multi-camera points);
     teacher_features: (M, C) raw teacher targets. The MSE averages over all M x C elements; with M == 0 it is 0.
     """
+    if logits_vox.shape[0] != occupancy.shape[0] or logits_vox.shape[2:] != occupancy.shape[1:]:
+        raise ValueError(f"voxel logits {tuple(logits_vox.shape)} and occupancy target {tuple(occupancy.shape)} "
+                         f"disagree: the loader's grid must be the model's (tpv_w, tpv_h, tpv_z)")
     labels = occupancy.long()
     lov = lovasz_softmax(logits_vox, labels)
     ce = F.cross_entropy(logits_vox.float(), labels, ignore_index=IGNORE_INDEX)

@@ -96,8 +96,7 @@ def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generato
 def _repeat(loader) -> Iterator[dict[str, Any]]:
     """Iterate ``loader`` forever (each pass reshuffles shards), so every rank can take the same step count."""
     for epoch in itertools.count():
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
         yielded = False
         for batch in loader:
             yielded = True
@@ -128,8 +127,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     from tqdm.auto import tqdm
 
     from pop3d.checkpoint import load_student_weights
-    from shards.loader import count_samples, make_loader
-    from teacher.live import build_teacher
+    from shards.loader import list_shards, make_loader
+    from teacher.live import build_teacher_from_config
 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
@@ -146,10 +145,13 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     if tc.init_weights:
         report = load_student_weights(model, tc.init_weights, kind=tc.init_kind)
         accelerator.print(f"init weights {tc.init_weights}: {report}")
-    teacher = build_teacher(cfg.teacher, device=accelerator.device)
+    teacher = build_teacher_from_config(cfg.teacher, device=accelerator.device)
 
     world = accelerator.num_processes
-    n_train = count_samples(cfg.data.shards, cfg.data.train_split)
+    _, counts = list_shards(cfg.data.shards, cfg.data.train_split)
+    if not counts:
+        raise ValueError(f"{cfg.data.shards}: no manifest.json with sample counts (scripts/build_shards.py writes it)")
+    n_train = sum(counts.values())
     steps_per_epoch = max(1, n_train // (world * tc.batch_size * tc.grad_accum_steps))
     total_steps = steps_per_epoch * tc.epochs
     if tc.max_steps is not None:
@@ -172,7 +174,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
     loader = make_loader(cfg.data.shards, cfg.data.train_split, batch_size=tc.batch_size,
                          num_workers=cfg.data.num_workers, grid=grid_spec_of(cfg), shuffle=True, seed=tc.seed,
-                         with_eval_gt=False, shuffle_buffer=cfg.data.shuffle_buffer)
+                         eval_gt=False, shuffle_buffer=cfg.data.shuffle_buffer)
     stream = _repeat(loader)
     # Skip what a resumed run already consumed (the stream's order is a function of the seed).
     for _ in range(step * tc.grad_accum_steps):

@@ -70,16 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     split = args.split or cfg.data.val_split
     loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
-                         grid=grid_spec_of(cfg), shuffle=False, with_eval_gt=True)
-    semantic, occupancy, n = evaluate(model, loader, prompts, device=device,
-                                      student_image_hw=cfg.data.student_image_hw,
-                                      normalized_cosine=cfg.eval.normalized_cosine,
-                                      max_samples=args.max_samples or cfg.eval.max_samples)
-    print(f"\nZero-shot semantic occupancy on {split} ({n} samples)\n" + semantic.table())
-    print("\nOccupancy (free / occupied)\n" + occupancy.table())
-    results = {"split": split, "samples": n, "weights": str(args.weights), "semantic": semantic.summary(),
-               "semantic_iou": dict(zip(semantic.names, semantic.iou().tolist())),
-               "occupancy": occupancy.summary(), "random_text_embeddings": args.random_text_embeddings}
+                         grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
+    m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
+                 normalized_cosine=cfg.eval.normalized_cosine, max_samples=args.max_samples or cfg.eval.max_samples)
+    print(f"\nZero-shot semantic occupancy, voxels vs ray-cast GT, {split} ({m.samples} samples)\n"
+          + m.semantic.table())
+    print("\nOccupancy (free / occupied), voxels vs ray-cast GT\n" + m.occupancy.table())
+    print("\nZero-shot semantic segmentation of the LiDAR points (16 classes)\n" + m.points.table())
+    results = {"split": split, "samples": m.samples, "weights": str(args.weights),
+               "random_text_embeddings": args.random_text_embeddings}
+    for name in ("semantic", "occupancy", "points"):
+        meter = getattr(m, name)
+        results[name] = {**meter.summary(), "iou": dict(zip(meter.names, meter.iou().tolist()))}
     out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")

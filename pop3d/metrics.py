@@ -9,6 +9,7 @@ means are reported:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,7 @@ class MeanIoU:
         seen = self.counts[0]
         lines = [f"{'class':<22}{'IoU %':>8}{'GT voxels':>12}"]
         for name, v, s in zip(self.names, iou.tolist(), seen.tolist()):
-            lines.append(f"{name:<22}{('  unseen' if v != v else f'{100 * v:8.2f}')}{s:>12d}")
+            lines.append(f"{name:<22}{('  unseen' if math.isnan(v) else f'{100 * v:8.2f}')}{s:>12d}")
         summ = self.summary()
         lines.append(f"{'mIoU (official: unseen=1)':<22}{summ['miou_official']:8.2f}")
         lines.append(f"{'mIoU (present classes)':<22}{summ['miou_present']:8.2f}  "

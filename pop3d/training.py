@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,9 +133,17 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
+    # cpu=True on machines without CUDA: only then does accelerate join the gloo process group that
+    # `accelerate launch --multi_gpu` / torchrun set up (without it every process trains alone, silently).
     accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps,
+        cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum_steps,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"the launcher started {launched} processes but accelerate joined "
+                           f"{accelerator.num_processes}; on CPU-only machines launch with "
+                           f"`accelerate launch --multi_gpu --num_processes N` or torchrun")
     set_seed(tc.seed, device_specific=True)
     is_main = accelerator.is_main_process
     if is_main:

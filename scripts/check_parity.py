@@ -49,21 +49,29 @@ def main(argv: list[str] | None = None) -> int:
         from teacher.parity import check_teacher_fixture
 
         result = check_teacher_fixture(args.fixture)
-        checked = dict(result["checked"])
-        informative = dict(result.get("informative", {}))
+        checked = {"point_features (from resized_bgr)": result["from_resized"]["max_abs"]}
+        informative = {
+            "point_features (from image_bgr, our resize)": result["from_raw"]["max_abs"],
+            "point_features (image_bgr, float resize)": result["from_raw_float_resize"]["max_abs"],
+            "point_features (grid_sample fast path)": result["grid_sample_from_resized"]["max_abs"],
+        }
+        if result["min_feature"] < 0:
+            print(f"FAIL: the teacher produced a negative feature ({result['min_feature']:.3g}); "
+                  "MaskCLIP+ features end in ReLU")
+            return 1
     else:
         print(f"error: {cfg_path}: 'kind' must be 'student' or 'teacher', got {kind!r}", file=sys.stderr)
         return 2
 
     print(f"fixture {args.fixture} ({kind}), tolerance {args.tolerance:g}")
-    print(f"{'output':<40}{'max abs error':>16}  status")
+    print(f"{'output':<46}{'max abs error':>16}  status")
     failed = False
     for name, err in checked.items():
         ok = err <= args.tolerance
         failed |= not ok
-        print(f"{name:<40}{err:>16.3e}  {'ok' if ok else 'FAIL'}")
+        print(f"{name:<46}{err:>16.3e}  {'ok' if ok else 'FAIL'}")
     for name, err in informative.items():
-        print(f"{name:<40}{err:>16.3e}  (stated, not checked)")
+        print(f"{name:<46}{err:>16.3e}  (stated, not checked)")
     print("PARITY FAILED" if failed else "parity ok")
     return 1 if failed else 0
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pop3d.checkpoint import load_student_weights
-    from pop3d.evaluate import load_text_prompts, random_text_prompts, evaluate
+    from pop3d.evaluate import evaluate, load_text_prompts, random_text_prompts
     from pop3d.training import build_student, grid_spec_of
     from shards.loader import make_loader
 

@@ -158,11 +158,11 @@ def test_photometric_distortion_is_per_image_and_sometimes_identity():
 def test_prepare_student_inputs_normalises_pads_and_rescales_lidar2img():
     imgs = torch.randint(0, 256, (1, 6, 3, 90, 160), dtype=torch.uint8)
     l2i = torch.eye(4).expand(1, 6, 4, 4).clone()
-    x, l2i_out, shape = prepare_student_inputs(imgs, l2i)
+    x, _, shape = prepare_student_inputs(imgs, l2i)
     assert shape == (96, 160) and x.shape == (1, 6, 3, 96, 160)
     bgr = imgs[0, 0].flip(0).float() - torch.tensor([103.530, 116.280, 123.675]).view(3, 1, 1)
     assert torch.allclose(x[0, 0, :, :90], bgr) and (x[..., 90:, :] == 0).all()
-    x2, l2i2, shape2 = prepare_student_inputs(imgs, l2i, out_hw=(45, 80))
+    _, l2i2, shape2 = prepare_student_inputs(imgs, l2i, out_hw=(45, 80))
     assert shape2 == (64, 96)
     p = torch.tensor([10.0, 20.0, 1.0, 1.0])
     assert torch.allclose(l2i2[0, 0] @ p, torch.tensor([5.0, 10.0, 1.0, 1.0]))

@@ -1,0 +1,608 @@
+"""Data geometry of POP-3D: calibration chains, LiDAR-to-pixel projection, voxel grid and voxel targets.
+
+Everything here is a pure, vectorised numpy function (no Python loop over points). Transforms are
+computed in float64. The rules reproduce the original POP-3D code (``generate_projections_nuscenes.py``
+and ``dataloader/dataset_wrapper.py``), as documented in ``docs`` / ``pipeline.md`` sections 1.2 and 1.4-2:
+
+* projection: lidar -> ego(t_lidar) -> global -> ego(t_cam) -> camera -> pixels, a point is kept when
+  ``depth > 1 m`` and ``0 < u < W - 1`` and ``0 < v < H - 1`` (strict), pixel ``(row, col) = round(v, u)``;
+* voxel grid: 100 x 100 x 8 over [-51.2, 51.2]^2 x [-5, 3] m in the LiDAR frame, float index
+  ``(clip(p, min, max - 1e-3) - min) / voxel_size`` (out-of-range points are pulled onto the border);
+* targets: occupancy, semantic majority vote, ray-cast evaluation ground truth.
+
+Shapes use N for points, M for kept projections, (X, Y, Z) for the grid size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CAMERAS",
+    "CLASS_NAMES",
+    "EMPTY_LABEL",
+    "IGNORE_LABEL",
+    "LIDARSEG_CLASSES",
+    "RAW_TO_AGNOSTIC",
+    "RAW_TO_NOIGNORE",
+    "GridSpec",
+    "flat_voxel_ids",
+    "grid_indices",
+    "lidar_to_camera",
+    "lidar_to_image",
+    "map_labels",
+    "occupancy_target",
+    "project_all_cameras",
+    "project_points",
+    "quaternion_to_matrix",
+    "raycast_eval_gt",
+    "transform_matrix",
+    "voxel_coords",
+    "voxel_majority_label",
+]
+
+# The mmdet3d info order the official model's ``cams_embeds`` were trained with (pipeline.md 1.2).
+CAMERAS: tuple[str, ...] = (
+    "CAM_FRONT",
+    "CAM_FRONT_RIGHT",
+    "CAM_FRONT_LEFT",
+    "CAM_BACK",
+    "CAM_BACK_LEFT",
+    "CAM_BACK_RIGHT",
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels (pipeline.md 1.7)
+# ----------------------------------------------------------------------------------------------------------
+
+#: The 32 raw nuScenes-lidarseg classes, position = raw id (the ``index`` field of category.json).
+LIDARSEG_CLASSES: tuple[str, ...] = (
+    "noise",
+    "animal",
+    "human.pedestrian.adult",
+    "human.pedestrian.child",
+    "human.pedestrian.construction_worker",
+    "human.pedestrian.personal_mobility",
+    "human.pedestrian.police_officer",
+    "human.pedestrian.stroller",
+    "human.pedestrian.wheelchair",
+    "movable_object.barrier",
+    "movable_object.debris",
+    "movable_object.pushable_pullable",
+    "movable_object.trafficcone",
+    "static_object.bicycle_rack",
+    "vehicle.bicycle",
+    "vehicle.bus.bendy",
+    "vehicle.bus.rigid",
+    "vehicle.car",
+    "vehicle.construction",
+    "vehicle.emergency.ambulance",
+    "vehicle.emergency.police",
+    "vehicle.motorcycle",
+    "vehicle.trailer",
+    "vehicle.truck",
+    "flat.driveable_surface",
+    "flat.other",
+    "flat.sidewalk",
+    "flat.terrain",
+    "static.manmade",
+    "static.other",
+    "static.vegetation",
+    "vehicle.ego",
+)
+
+#: noIgnore class names: index 0 = ignore, 1..16 = the standard 16 lidarseg classes, 17 = empty.
+CLASS_NAMES: tuple[str, ...] = (
+    "ignore",
+    "barrier",
+    "bicycle",
+    "bus",
+    "car",
+    "construction_vehicle",
+    "motorcycle",
+    "pedestrian",
+    "traffic_cone",
+    "trailer",
+    "truck",
+    "driveable_surface",
+    "other_flat",
+    "sidewalk",
+    "terrain",
+    "manmade",
+    "vegetation",
+    "empty",
+)
+IGNORE_LABEL = 255  # ignore value of the voxel ground truth
+EMPTY_LABEL = 17  # noIgnore id of 'empty' (free space)
+
+_NOIGNORE_PAIRS = {
+    9: 1,
+    14: 2,
+    15: 3,
+    16: 3,
+    17: 4,
+    18: 5,
+    21: 6,
+    2: 7,
+    3: 7,
+    4: 7,
+    6: 7,
+    12: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    30: 16,
+    32: 17,
+}
+
+
+def _build_noignore() -> np.ndarray:
+    lut = np.zeros(33, dtype=np.uint8)  # everything not listed -> 0 (ignore)
+    for raw, cls in _NOIGNORE_PAIRS.items():
+        lut[raw] = cls
+    lut.setflags(write=False)
+    return lut
+
+
+def _build_agnostic() -> np.ndarray:
+    lut = np.ones(33, dtype=np.uint8)  # every raw id 0..31 -> 1 (occupied), including noise and ego
+    lut[32] = 0  # 'empty'
+    lut.setflags(write=False)
+    return lut
+
+
+#: uint8 (33,): raw lidarseg id (0..31, 32 = empty) -> noIgnore class (0 ignore, 1..16, 17 empty).
+RAW_TO_NOIGNORE: np.ndarray = _build_noignore()
+#: uint8 (33,): raw lidarseg id -> class-agnostic occupancy label (0..31 -> 1, 32 -> 0).
+RAW_TO_AGNOSTIC: np.ndarray = _build_agnostic()
+
+
+def map_labels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Map raw lidarseg ids through a look-up table.
+
+    Args:
+        raw: integer array of any shape, values in ``[0, len(lut))`` (e.g. uint8 (N,) lidarseg labels).
+        lut: (L,) look-up table, e.g. ``RAW_TO_NOIGNORE`` or ``RAW_TO_AGNOSTIC``.
+
+    Returns:
+        array of ``raw``'s shape with ``lut``'s dtype.
+    """
+    raw = np.asarray(raw)
+    if raw.size and not np.issubdtype(raw.dtype, np.integer):
+        raise TypeError(f"map_labels: labels must be integers, got dtype {raw.dtype}")
+    if raw.size and (raw.min() < 0 or raw.max() >= len(lut)):
+        raise ValueError(
+            f"map_labels: label values must lie in [0, {len(lut) - 1}], got [{raw.min()}, {raw.max()}]"
+        )
+    return np.asarray(lut)[raw]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grid (pipeline.md 1.6)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The voxel volume in the LiDAR frame: bounds in metres and the number of voxels per axis (x, y, z)."""
+
+    pc_min: tuple[float, float, float] = (-51.2, -51.2, -5.0)
+    pc_max: tuple[float, float, float] = (51.2, 51.2, 3.0)
+    size: tuple[int, int, int] = (100, 100, 8)
+
+    def __post_init__(self) -> None:
+        lo, hi, n = np.asarray(self.pc_min, float), np.asarray(self.pc_max, float), np.asarray(self.size)
+        if lo.shape != (3,) or hi.shape != (3,) or n.shape != (3,):
+            raise ValueError(f"GridSpec: pc_min, pc_max and size must have 3 entries, got {self}")
+        if not np.all(hi > lo) or not np.all(n > 0):
+            raise ValueError(f"GridSpec: need pc_max > pc_min and size > 0, got {self}")
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float]:
+        """(3,) voxel edge lengths in metres, ``(max - min) / size`` = (1.024, 1.024, 1.0) by default."""
+        v = (np.asarray(self.pc_max, np.float64) - np.asarray(self.pc_min, np.float64)) / np.asarray(
+            self.size
+        )
+        return (float(v[0]), float(v[1]), float(v[2]))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(X, Y, Z) as plain ints."""
+        return (int(self.size[0]), int(self.size[1]), int(self.size[2]))
+
+
+def _as_points(xyz: np.ndarray, name: str) -> np.ndarray:
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] < 3:
+        raise ValueError(f"{name}: expected points of shape (N, 3) (or (N, >=3)), got {xyz.shape}")
+    return xyz[:, :3].astype(np.float64, copy=False)
+
+
+def grid_indices(xyz: np.ndarray, grid: GridSpec = GridSpec(), dtype: np.dtype = np.float32) -> np.ndarray:
+    """Float voxel index of every point, out-of-range points clipped onto the border voxels.
+
+    ``g = (clip(p, pc_min, pc_max - 1e-3) - pc_min) / voxel_size``, so ``g`` lies in ``[0, size)``.
+    Computed in float64 exactly as the original ``Voxelize`` (which kept float64 up to the collate).
+    The default return dtype is float32 (what the batch carries); pass ``dtype=np.float64`` for the
+    original's bit-exact values. Note: casting to float32 can move a value lying within ~1e-5 voxel of a
+    voxel boundary onto the boundary, so integer voxel coordinates for targets should be taken from the
+    float64 result (``occupancy_target`` & co. accept both).
+
+    Args:
+        xyz: (N, 3) or (N, >=3) points in the LiDAR frame (extra columns are ignored).
+        grid: the volume.
+        dtype: output dtype.
+
+    Returns:
+        (N, 3) float voxel indices along (x, y, z).
+    """
+    p = _as_points(xyz, "grid_indices")
+    lo = np.asarray(grid.pc_min, np.float64)
+    hi = np.asarray(grid.pc_max, np.float64)
+    interval = (hi - lo) / np.asarray(grid.size)
+    g = (np.clip(p, lo, hi - 1e-3) - lo) / interval
+    return g.astype(dtype, copy=False)
+
+
+def voxel_coords(grid_ind: np.ndarray, grid: GridSpec = GridSpec()) -> np.ndarray:
+    """Integer voxel coordinates ``floor(grid_ind)``, checked to lie inside the grid.
+
+    Args:
+        grid_ind: (N, 3) float voxel indices (``grid_indices``) or integer coordinates.
+        grid: the volume.
+
+    Returns:
+        (N, 3) int64.
+    """
+    g = np.asarray(grid_ind)
+    if g.ndim != 2 or g.shape[1] != 3:
+        raise ValueError(f"voxel_coords: expected grid indices of shape (N, 3), got {g.shape}")
+    ijk = np.floor(g).astype(np.int64) if np.issubdtype(g.dtype, np.floating) else g.astype(np.int64)
+    if ijk.size and (ijk.min() < 0 or np.any(ijk.max(axis=0) >= np.asarray(grid.shape))):
+        raise ValueError(
+            f"voxel_coords: voxel indices outside the grid {grid.shape}: min {ijk.min(axis=0)}, "
+            f"max {ijk.max(axis=0)} (use grid_indices, which clips)"
+        )
+    return ijk
+
+
+def flat_voxel_ids(grid_ind: np.ndarray, grid: GridSpec = GridSpec()) -> np.ndarray:
+    """C-order flat voxel id ``(i * Y + j) * Z + k`` of every point.
+
+    Args:
+        grid_ind: (N, 3) float voxel indices or integer coordinates.
+        grid: the volume.
+
+    Returns:
+        (N,) int64 in ``[0, X * Y * Z)``.
+    """
+    ijk = voxel_coords(grid_ind, grid)
+    return np.ravel_multi_index((ijk[:, 0], ijk[:, 1], ijk[:, 2]), grid.shape).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Targets (pipeline.md 1.8)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def occupancy_target(grid_ind: np.ndarray, grid: GridSpec = GridSpec()) -> np.ndarray:
+    """Binary occupancy (1.8-1): 1 where a voxel holds at least one (clipped) point, else 0.
+
+    Args:
+        grid_ind: (N, 3) float voxel indices of ALL points (clipped, ``grid_indices``).
+        grid: the volume.
+
+    Returns:
+        uint8 (X, Y, Z).
+    """
+    occ = np.zeros(int(np.prod(grid.shape)), dtype=np.uint8)
+    occ[flat_voxel_ids(grid_ind, grid)] = 1
+    return occ.reshape(grid.shape)
+
+
+def _majority_into(out_flat: np.ndarray, vox: np.ndarray, labels: np.ndarray) -> None:
+    """Write, for every voxel in ``vox``, the most frequent label (ties -> smallest label) into ``out_flat``."""
+    if vox.size == 0:
+        return
+    key = vox * 256 + labels
+    uniq, counts = np.unique(key, return_counts=True)  # sorted by (voxel, label)
+    u_vox, u_lab = uniq // 256, uniq % 256
+    # order: voxel ascending, count descending, label ascending -> the first entry of each voxel wins
+    order = np.lexsort((u_lab, -counts, u_vox))
+    u_vox, u_lab = u_vox[order], u_lab[order]
+    first = np.ones(u_vox.shape[0], dtype=bool)
+    first[1:] = u_vox[1:] != u_vox[:-1]
+    out_flat[u_vox[first]] = u_lab[first]
+
+
+def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    if lab.shape != (n,):
+        raise ValueError(f"{name}: expected {n} labels of shape ({n},), got {lab.shape}")
+    if lab.size and not np.issubdtype(lab.dtype, np.integer):
+        raise TypeError(f"{name}: labels must be integers, got dtype {lab.dtype}")
+    if lab.size and (lab.min() < 0 or lab.max() > 255):
+        raise ValueError(f"{name}: labels must lie in [0, 255], got [{lab.min()}, {lab.max()}]")
+    return lab.astype(np.int64)
+
+
+def voxel_majority_label(
+    grid_ind: np.ndarray, labels: np.ndarray, grid: GridSpec = GridSpec(), fill: int = EMPTY_LABEL
+) -> np.ndarray:
+    """Semantic voxel label (1.8-2): majority vote of the labels of the points in each voxel.
+
+    The vote is the argmax of a 256-bin histogram per voxel, ties going to the smallest label id (as the
+    original ``nb_process_label``; its uint16 counters would wrap past 65535 points of one label in one
+    voxel, ours do not). Vectorised with ``np.unique`` on (voxel, label) keys. Voxels without points keep
+    ``fill``.
+
+    Args:
+        grid_ind: (N, 3) float voxel indices of all points (clipped).
+        labels: (N,) or (N, 1) integer labels in [0, 255] (noIgnore classes for the semantic GT).
+        grid: the volume.
+        fill: value of voxels without points (17 = empty).
+
+    Returns:
+        uint8 (X, Y, Z).
+    """
+    vox = flat_voxel_ids(grid_ind, grid)
+    lab = _check_labels(labels, vox.shape[0], "voxel_majority_label")
+    out = np.full(int(np.prod(grid.shape)), fill, dtype=np.uint8)
+    _majority_into(out, vox, lab)
+    return out.reshape(grid.shape)
+
+
+def raycast_eval_gt(
+    xyz: np.ndarray,
+    labels_noignore: np.ndarray,
+    grid: GridSpec = GridSpec(),
+    n_samples: int = 100,
+    chunk: int = 8192,
+) -> np.ndarray:
+    """Ray-cast semantic evaluation ground truth (1.8-3).
+
+    1. the grid starts at 255 (unobserved);
+    2. only points strictly inside the volume on all three axes are kept (no clipping);
+    3. their label 0 (ignore) becomes 255;
+    4. every kept point p casts ``n_samples`` samples ``s * p``, ``s = linspace(0, 1, n_samples)`` (the ray
+       from the LiDAR origin, endpoint included); each voxel hit by a sample becomes 17 (free);
+    5. each voxel holding kept points gets the majority vote of their labels (255 takes part, ties to the
+       smallest id), overwriting 17.
+
+    Args:
+        xyz: (N, 3) or (N, >=3) points in the LiDAR frame.
+        labels_noignore: (N,) noIgnore labels 0..16.
+        grid: the volume.
+        n_samples: samples per ray (100 in the original).
+        chunk: points per vectorised chunk (bounds memory to ~chunk * n_samples * 24 bytes).
+
+    Returns:
+        uint8 (X, Y, Z): 1..16 occupied, 17 observed free, 255 unobserved / ignore majority.
+    """
+    p = _as_points(xyz, "raycast_eval_gt")
+    lab = _check_labels(labels_noignore, p.shape[0], "raycast_eval_gt")
+    lo = np.asarray(grid.pc_min, np.float64)
+    hi = np.asarray(grid.pc_max, np.float64)
+    keep = np.all((p > lo) & (p < hi), axis=1)
+    p, lab = p[keep], lab[keep].copy()
+    lab[lab == 0] = IGNORE_LABEL
+
+    out = np.full(int(np.prod(grid.shape)), IGNORE_LABEL, dtype=np.uint8)
+    s = np.linspace(0, 1, n_samples)
+    for start in range(0, p.shape[0], chunk):
+        samples = (s[None, :, None] * p[start : start + chunk, None, :]).reshape(-1, 3)
+        out[flat_voxel_ids(grid_indices(samples, grid, np.float64), grid)] = EMPTY_LABEL
+    _majority_into(out, flat_voxel_ids(grid_indices(p, grid, np.float64), grid), lab)
+    return out.reshape(grid.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration chains (pipeline.md 1.4 and 2)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quaternion_to_matrix(rotation_wxyz: Sequence[float]) -> np.ndarray:
+    """Rotation matrix of a (w, x, y, z) quaternion (normalised first, like pyquaternion).
+
+    Args:
+        rotation_wxyz: (4,) quaternion, scalar first (the nuScenes convention).
+
+    Returns:
+        (3, 3) float64.
+    """
+    q = np.asarray(rotation_wxyz, dtype=np.float64)
+    if q.shape != (4,):
+        raise ValueError(f"quaternion_to_matrix: expected a (w, x, y, z) quaternion, got shape {q.shape}")
+    norm = np.linalg.norm(q)
+    if not np.isfinite(norm) or norm < 1e-12:
+        raise ValueError(f"quaternion_to_matrix: degenerate quaternion {q.tolist()}")
+    w, x, y, z = q / norm
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ],
+        dtype=np.float64,
+    )
+
+
+def transform_matrix(
+    translation: Sequence[float], rotation_wxyz: Sequence[float], inverse: bool = False
+) -> np.ndarray:
+    """Homogeneous transform of a nuScenes pose / calibration record.
+
+    Args:
+        translation: (3,) metres.
+        rotation_wxyz: (4,) quaternion (w, x, y, z).
+        inverse: return the inverse transform ``[R^T | -R^T t]``.
+
+    Returns:
+        (4, 4) float64 mapping child-frame points to the parent frame (or back when ``inverse``).
+    """
+    t = np.asarray(translation, dtype=np.float64)
+    if t.shape != (3,):
+        raise ValueError(f"transform_matrix: expected a (3,) translation, got shape {t.shape}")
+    rot = quaternion_to_matrix(rotation_wxyz)
+    out = np.eye(4, dtype=np.float64)
+    if inverse:
+        out[:3, :3] = rot.T
+        out[:3, 3] = -rot.T @ t
+    else:
+        out[:3, :3] = rot
+        out[:3, 3] = t
+    return out
+
+
+def _record_tf(record: Mapping, name: str, inverse: bool) -> np.ndarray:
+    try:
+        return transform_matrix(record["translation"], record["rotation"], inverse=inverse)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(
+            f"lidar_to_camera: {name} record needs 'translation' and 'rotation', got {record!r}"
+        ) from exc
+
+
+def lidar_to_camera(lidar_cs: Mapping, lidar_pose: Mapping, cam_pose: Mapping, cam_cs: Mapping) -> np.ndarray:
+    """LiDAR frame -> camera frame, with ego motion between the two timestamps (the devkit chain).
+
+    lidar -> ego(t_lidar) [lidar calibrated_sensor] -> global [ego_pose of the lidar sample_data]
+    -> ego(t_cam) [inverse ego_pose of the camera sample_data] -> camera [inverse camera calibrated_sensor],
+    exactly ``NuScenesExplorer.map_pointcloud_to_image``.
+
+    Args:
+        lidar_cs, lidar_pose, cam_pose, cam_cs: nuScenes records with 'translation' (3,) and
+            'rotation' (4,) (w, x, y, z).
+
+    Returns:
+        (4, 4) float64.
+    """
+    return (
+        _record_tf(cam_cs, "camera calibrated_sensor", True)
+        @ _record_tf(cam_pose, "camera ego_pose", True)
+        @ _record_tf(lidar_pose, "lidar ego_pose", False)
+        @ _record_tf(lidar_cs, "lidar calibrated_sensor", False)
+    )
+
+
+def _check_k(K: np.ndarray, name: str) -> np.ndarray:
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape != (3, 3):
+        raise ValueError(f"{name}: expected a (3, 3) camera intrinsic matrix, got shape {K.shape}")
+    return K
+
+
+def _check_tf(T: np.ndarray, name: str) -> np.ndarray:
+    T = np.asarray(T, dtype=np.float64)
+    if T.shape != (4, 4):
+        raise ValueError(f"{name}: expected a (4, 4) transform, got shape {T.shape}")
+    return T
+
+
+def lidar_to_image(K: np.ndarray, lidar2cam: np.ndarray) -> np.ndarray:
+    """``K4 @ lidar2cam``: LiDAR points to (u*d, v*d, d, 1), K4 = 4x4 identity with K top-left.
+
+    Args:
+        K: (3, 3) camera intrinsics.
+        lidar2cam: (4, 4) LiDAR -> camera transform.
+
+    Returns:
+        (4, 4) float64.
+    """
+    K4 = np.eye(4, dtype=np.float64)
+    K4[:3, :3] = _check_k(K, "lidar_to_image")
+    return K4 @ _check_tf(lidar2cam, "lidar_to_image")
+
+
+def _project_uvd(
+    xyz: np.ndarray, lidar2cam: np.ndarray, K: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Continuous pixel coordinates (u, v) and depth d of every point: (N,), (N,), (N,) float64."""
+    cam = xyz @ lidar2cam[:3, :3].T + lidar2cam[:3, 3]
+    pix = cam @ K.T  # (N, 3) = (u d, v d, d) for the standard K (last row 0 0 1), as view_points
+    depth = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = pix[:, 0] / pix[:, 2]
+        v = pix[:, 1] / pix[:, 2]
+    return u, v, depth
+
+
+def project_points(
+    xyz: np.ndarray,
+    lidar2cam: np.ndarray,
+    K: np.ndarray,
+    img_hw: tuple[int, int] = (900, 1600),
+    min_depth: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Project LiDAR points into one camera with the original POP-3D visibility rule (pipeline.md 2).
+
+    Kept: ``depth > min_depth`` and ``0 < u < W - 1`` and ``0 < v < H - 1`` (strict). The pixel is
+    ``(row, col) = np.round((v, u))`` (round half to even, as the original ``np.round``).
+
+    Args:
+        xyz: (N, 3) or (N, >=3) points in the LiDAR frame.
+        lidar2cam: (4, 4) LiDAR -> camera transform (``lidar_to_camera``).
+        K: (3, 3) camera intrinsics.
+        img_hw: (H, W) of the original image.
+        min_depth: metres; points at or closer than this are dropped.
+
+    Returns:
+        point_idx: int64 (M,) ascending indices into ``xyz``;
+        rowcol: int64 (M, 2) pixel (row, col) in the original image.
+    """
+    p = _as_points(xyz, "project_points")
+    T = _check_tf(lidar2cam, "project_points")
+    K = _check_k(K, "project_points")
+    H, W = int(img_hw[0]), int(img_hw[1])
+    u, v, depth = _project_uvd(p, T, K)
+    with np.errstate(invalid="ignore"):
+        mask = (depth > min_depth) & (u > 0) & (u < W - 1) & (v > 0) & (v < H - 1)
+    point_idx = np.flatnonzero(mask).astype(np.int64)
+    rowcol = np.round(np.stack([v[point_idx], u[point_idx]], axis=1)).astype(np.int64)
+    return point_idx, rowcol
+
+
+def project_all_cameras(
+    xyz: np.ndarray,
+    lidar2cams: np.ndarray,
+    Ks: np.ndarray,
+    img_hw: tuple[int, int] = (900, 1600),
+    min_depth: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``project_points`` for every camera, concatenated camera by camera (points ascending per camera).
+
+    Args:
+        xyz: (N, 3) or (N, >=3) points in the LiDAR frame.
+        lidar2cams: (C, 4, 4) LiDAR -> camera transforms, in ``CAMERAS`` order.
+        Ks: (C, 3, 3) intrinsics.
+        img_hw: (H, W), shared by all cameras.
+        min_depth: metres.
+
+    Returns:
+        cam_idx: int64 (M,) camera index; point_idx: int64 (M,); rowcol: int64 (M, 2).
+    """
+    T = np.asarray(lidar2cams, dtype=np.float64)
+    K = np.asarray(Ks, dtype=np.float64)
+    if T.ndim != 3 or T.shape[1:] != (4, 4) or K.shape != (T.shape[0], 3, 3):
+        raise ValueError(
+            f"project_all_cameras: expected lidar2cams (C, 4, 4) and Ks (C, 3, 3), got {T.shape} and {K.shape}"
+        )
+    p = _as_points(xyz, "project_all_cameras")
+    cams, pts, pix = [], [], []
+    for c in range(T.shape[0]):
+        idx, rc = project_points(p, T[c], K[c], img_hw, min_depth)
+        cams.append(np.full(idx.shape[0], c, dtype=np.int64))
+        pts.append(idx)
+        pix.append(rc)
+    if not cams:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    return np.concatenate(cams), np.concatenate(pts), np.concatenate(pix)

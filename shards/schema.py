@@ -1,0 +1,146 @@
+"""On-disk schema of the nuScenes WebDataset shards: field names, encoders and decoders.
+
+One sample = one keyframe (``sample`` record of nuScenes). Its WebDataset key is the sample token
+(32 hex characters, no dots), and every field is one tar member ``<token>.<field>``:
+
+============================  ====================================================================
+member                        content
+============================  ====================================================================
+``meta.json``                 UTF-8 JSON, sorted keys: schema version, dataset version, split,
+                              scene name/token, sample token, timestamp, camera order, image size
+                              per camera, source file names, ``has_lidarseg``
+``cam_front.jpg`` ... (x6)    the camera JPEG, byte for byte the source file (never re-encoded);
+                              one member per camera in :data:`CAMERAS` order
+``lidar.npy``                 float32 (N, 4): x, y, z, intensity of the keyframe LIDAR_TOP sweep in
+                              the LiDAR frame (columns 0..3 of the ``.pcd.bin``), row order kept
+``lidarseg.npy``              uint8 (N,): raw lidarseg ids 0..31 (only when the split has lidarseg)
+``cam_intrinsic.npy``         float64 (6, 3, 3): K per camera
+``lidar2cam.npy``             float64 (6, 4, 4): LiDAR(t_lidar) -> camera(t_cam) transform per camera,
+                              ego motion between the two timestamps included
+============================  ====================================================================
+
+Arrays are stored with ``np.save`` (``.npy`` format 1.0, little endian) and read with
+``np.load(allow_pickle=False)``: no pickle anywhere. ``.npz`` is avoided on purpose because numpy
+stamps the current time into its zip entries, which would break byte-for-byte determinism.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from shards.geometry import CAMERAS  # camera order of every per-camera array and JPEG member
+
+#: Bump when a field is added, removed or changes meaning. The writer refuses to mix versions.
+SCHEMA_VERSION: int = 1
+
+#: Tar-member extension (WebDataset field name) of each camera's JPEG, in :data:`CAMERAS` order.
+CAMERA_FIELDS: tuple[str, ...] = tuple(f"{c.lower()}.jpg" for c in CAMERAS)
+
+META_FIELD = "meta.json"
+LIDAR_FIELD = "lidar.npy"
+LIDARSEG_FIELD = "lidarseg.npy"
+INTRINSIC_FIELD = "cam_intrinsic.npy"
+LIDAR2CAM_FIELD = "lidar2cam.npy"
+
+#: Fixed member order inside a sample (``lidarseg.npy`` is absent where the split has no lidarseg).
+FIELD_ORDER: tuple[str, ...] = (
+    META_FIELD,
+    *CAMERA_FIELDS,
+    LIDAR_FIELD,
+    LIDARSEG_FIELD,
+    INTRINSIC_FIELD,
+    LIDAR2CAM_FIELD,
+)
+
+#: Fields every sample must have.
+REQUIRED_FIELDS: frozenset[str] = frozenset(f for f in FIELD_ORDER if f != LIDARSEG_FIELD)
+
+#: File name of the per-directory manifest and of the progress folder used for resuming.
+MANIFEST_NAME = "manifest.json"
+PROGRESS_DIR = ".progress"
+
+
+def shard_name(split: str, index: int) -> str:
+    """Return the file name of shard ``index`` of ``split``, e.g. ``train-000003.tar``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """Serialise an array with ``np.save`` (no pickle); deterministic bytes for equal arrays."""
+    arr = np.ascontiguousarray(array)
+    if arr.dtype == object:
+        raise TypeError("object arrays cannot be stored (pickle is not allowed)")
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_npy` (``allow_pickle=False``)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    """Serialise a JSON object deterministically (sorted keys, compact separators, UTF-8)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`encode_json`."""
+    return json.loads(data.decode("utf-8"))
+
+
+def encode_sample(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """Turn a reader sample dict into the ordered list of (field, bytes) tar members.
+
+    Args:
+        sample: dict from :func:`shards.reader.load_sample` with keys ``token``, ``meta`` (dict),
+            ``images`` (list of 6 JPEG ``bytes`` in :data:`CAMERAS` order), ``points`` float32 (N, 4),
+            ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` (6, 3, 3), ``lidar2cam`` (6, 4, 4).
+
+    Returns:
+        ``[(field, payload), ...]`` in :data:`FIELD_ORDER`.
+    """
+    images = sample["images"]
+    if len(images) != len(CAMERAS):
+        raise ValueError(f"sample {sample['token']}: expected {len(CAMERAS)} images, got {len(images)}")
+    out: list[tuple[str, bytes]] = [(META_FIELD, encode_json(sample["meta"]))]
+    out += [(f, bytes(b)) for f, b in zip(CAMERA_FIELDS, images)]
+    out.append((LIDAR_FIELD, encode_npy(np.asarray(sample["points"], dtype=np.float32))))
+    if sample.get("lidarseg") is not None:
+        out.append((LIDARSEG_FIELD, encode_npy(np.asarray(sample["lidarseg"], dtype=np.uint8))))
+    out.append((INTRINSIC_FIELD, encode_npy(np.asarray(sample["cam_intrinsic"], dtype=np.float64))))
+    out.append((LIDAR2CAM_FIELD, encode_npy(np.asarray(sample["lidar2cam"], dtype=np.float64))))
+    return out
+
+
+def check_fields(fields: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` when a raw WebDataset sample misses a required field."""
+    missing = sorted(REQUIRED_FIELDS - set(fields))
+    if missing:
+        raise ValueError(f"{where}: sample {fields.get('__key__', '?')} misses field(s) {missing}")
+
+
+def decode_arrays(fields: dict[str, Any]) -> dict[str, Any]:
+    """Decode the non-image fields of a raw WebDataset sample (``{field: bytes}``).
+
+    Returns:
+        dict with ``token`` (str), ``meta`` (dict), ``jpegs`` (list of 6 ``bytes``),
+        ``points`` float32 (N, 4), ``lidarseg`` uint8 (N,) or None,
+        ``cam_intrinsic`` float64 (6, 3, 3), ``lidar2cam`` float64 (6, 4, 4).
+    """
+    meta = decode_json(fields[META_FIELD])
+    seg = fields.get(LIDARSEG_FIELD)
+    return {
+        "token": meta["sample_token"],
+        "meta": meta,
+        "jpegs": [fields[f] for f in CAMERA_FIELDS],
+        "points": decode_npy(fields[LIDAR_FIELD]),
+        "lidarseg": decode_npy(seg) if seg is not None else None,
+        "cam_intrinsic": decode_npy(fields[INTRINSIC_FIELD]),
+        "lidar2cam": decode_npy(fields[LIDAR2CAM_FIELD]),
+    }

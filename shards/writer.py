@@ -1,0 +1,441 @@
+"""Write nuScenes splits as deterministic, resumable WebDataset tar shards plus ``manifest.json``.
+
+Layout of the output directory::
+
+    <out>/<split>-000000.tar ...      one tar per ``samples_per_shard`` keyframes (last one shorter)
+    <out>/manifest.json               schema version, splits, per shard name/count/bytes/sha256, totals
+    <out>/.progress/<shard>.json      sidecar written after a shard is finished (used for resuming)
+
+Determinism: the same input gives the same bytes. Samples are ordered by the devkit split list (scene
+order) and time; members are written in :data:`shards.schema.FIELD_ORDER`; every tar header has
+mtime 0, uid/gid 0, uname/gname ``pop3d``, mode 0444, USTAR format; the manifest holds no timestamp
+and no absolute path.
+
+Resuming: a shard is written to ``<name>.tmp-<pid>`` and renamed atomically when complete, then its
+sidecar is written (also tmp + rename). On start, leftover ``*.tmp-*`` files are deleted; a shard is
+kept when its sidecar exists, describes the same plan (schema, version, split, sample tokens, source
+file sizes) and the file's size (and, with ``verify="sha256"``, its sha256) matches. Everything else is
+(re)written, so an interrupted run followed by a restart gives the same shards and manifest as an
+uninterrupted run.
+
+Errors: bad input raises :class:`shards.reader.DataError` naming the file and the problem. Finished shards
+are never touched by a failing run. ``skip_bad=True`` drops samples with file problems instead, and
+the manifest lists every skipped sample with its problem (``splits.<split>.skipped``).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from shards.reader import (
+    DataError,
+    SampleRecord,
+    SplitPlan,
+    load_sample,
+    open_nuscenes,
+    plan_split,
+    version_for_split,
+)
+from shards.schema import (
+    MANIFEST_NAME,
+    META_FIELD,
+    PROGRESS_DIR,
+    SCHEMA_VERSION,
+    decode_json,
+    encode_sample,
+    shard_name,
+)
+
+FORMAT_NAME = "pop3d-nuscenes-wds"
+TAR_USER = "pop3d"
+#: Test hook: seconds to sleep after each written sample (lets tests kill a build mid-shard).
+TEST_DELAY_ENV = "POP3D_SHARDS_TEST_DELAY_S"
+_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<idx>\d{6})\.tar$")
+
+
+@dataclass
+class ShardTask:
+    """One shard to write: its name, split, records and the digest of its plan."""
+
+    split: str
+    index: int
+    name: str
+    records: list[SampleRecord]
+    plan_digest: str
+
+
+def _plan_digest(split: str, version: str, index: int, records: list[SampleRecord], skip_bad: bool) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([SCHEMA_VERSION, FORMAT_NAME, version, split, index, skip_bad]).encode())
+    for r in records:
+        h.update(json.dumps([r.token, r.cam_files, r.lidar_file, r.lidarseg_file, r.source_sizes]).encode())
+        h.update(r.cam_intrinsic.tobytes())
+        h.update(r.lidar2cam.tobytes())
+    return h.hexdigest()
+
+
+def plan_shards(
+    plan: SplitPlan, records: list[SampleRecord], samples_per_shard: int, skip_bad: bool = False
+) -> list[ShardTask]:
+    """Cut ``records`` (in order) into shards of ``samples_per_shard`` samples."""
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    tasks = []
+    for i, start in enumerate(range(0, len(records), samples_per_shard)):
+        recs = records[start:start + samples_per_shard]
+        tasks.append(ShardTask(plan.split, i, shard_name(plan.split, i), recs,
+                               _plan_digest(plan.split, plan.version, i, recs, skip_bad)))
+    return tasks
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = TAR_USER
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> int:
+    """Write reader sample dicts to a deterministic WebDataset tar at ``path``; returns the sample count."""
+    n = 0
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    with open(path, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for sample in samples:
+                key = sample["token"]
+                if "." in key or "/" in key:
+                    raise DataError(f"sample key {key!r} must not contain '.' or '/'")
+                for fld, payload in encode_sample(sample):
+                    tf.addfile(_tarinfo(f"{key}.{fld}", len(payload)), io.BytesIO(payload))
+                n += 1
+                if delay:
+                    f.flush()
+                    time.sleep(delay)
+        f.flush()
+        os.fsync(f.fileno())
+    return n
+
+
+def _atomic_write_json(path: str, obj: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sidecar_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, PROGRESS_DIR, name + ".json")
+
+
+def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = False) -> dict[str, Any]:
+    """Write one shard (temp file + atomic rename) and its sidecar.
+
+    Returns:
+        ``{"name", "num_samples", "bytes", "sha256", "skipped"}``; ``skipped`` lists the samples dropped
+        because a file was bad at read time (only with ``skip_bad``).
+
+    Raises:
+        DataError: a source file is bad; the temp file is removed, finished shards are untouched.
+    """
+    final = os.path.join(out_dir, task.name)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    skipped: list[dict[str, str]] = []
+
+    def samples() -> Iterable[dict[str, Any]]:
+        for r in task.records:
+            try:
+                yield load_sample(r, dataroot)
+            except DataError as exn:
+                if not skip_bad:
+                    raise
+                skipped.append({"sample_token": r.token, "problem": str(exn)})
+
+    try:
+        n = write_tar(tmp, samples())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    entry = {"name": task.name, "num_samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp),
+             "skipped": skipped}
+    os.replace(tmp, final)
+    _atomic_write_json(
+        _sidecar_path(out_dir, task.name),
+        {**entry, "split": task.split, "schema_version": SCHEMA_VERSION, "plan_digest": task.plan_digest},
+    )
+    return entry
+
+
+def _write_shard_star(args: tuple[ShardTask, str, str, bool]) -> dict[str, Any]:
+    return write_shard(*args)
+
+
+def _finished_entry(task: ShardTask, out_dir: str, verify: str) -> dict[str, Any] | None:
+    """Manifest entry of an already finished shard whose sidecar and file match, else None."""
+    side = _sidecar_path(out_dir, task.name)
+    path = os.path.join(out_dir, task.name)
+    if not (os.path.exists(side) and os.path.exists(path)):
+        return None
+    with open(side) as f:
+        rec = json.load(f)
+    if rec.get("plan_digest") != task.plan_digest or rec.get("bytes") != os.path.getsize(path):
+        return None
+    if verify == "sha256" and rec.get("sha256") != sha256_file(path):
+        return None
+    return {k: rec[k] for k in ("name", "num_samples", "bytes", "sha256", "skipped")}
+
+
+def _first_meta(path: str) -> dict[str, Any] | None:
+    """``meta.json`` of the first sample of a tar (None when unreadable)."""
+    try:
+        with tarfile.open(path, "r|") as tf:
+            for ti in tf:
+                if ti.name.endswith("." + META_FIELD):
+                    fobj = tf.extractfile(ti)
+                    return decode_json(fobj.read()) if fobj else None
+    except (tarfile.TarError, OSError, ValueError):
+        return None
+    return None
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output directory that holds shards of another schema version (naming the file)."""
+    man = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.exists(man):
+        with open(man) as f:
+            try:
+                m = json.load(f)
+            except json.JSONDecodeError as exn:
+                raise DataError(f"{man}: not a valid manifest ({exn}); remove it or use another --out") from None
+        if m.get("schema_version") != SCHEMA_VERSION or m.get("format") != FORMAT_NAME:
+            raise DataError(
+                f"{man}: output directory holds shards of schema version {m.get('schema_version')!r} "
+                f"(format {m.get('format')!r}); this writer writes version {SCHEMA_VERSION}. "
+                "Use another --out or delete the old shards."
+            )
+    for side in sorted(glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))):
+        with open(side) as f:
+            v = json.load(f).get("schema_version")
+        if v != SCHEMA_VERSION:
+            raise DataError(f"{side}: progress record of schema version {v!r} (writer: {SCHEMA_VERSION}); "
+                            "use another --out or delete the old shards")
+    for tar in sorted(glob.glob(os.path.join(out_dir, "*.tar"))):
+        if _SHARD_RE.match(os.path.basename(tar)) and not os.path.exists(
+            _sidecar_path(out_dir, os.path.basename(tar))
+        ):
+            meta = _first_meta(tar)
+            if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
+                raise DataError(f"{tar}: shard of schema version {meta.get('schema_version')!r} "
+                                f"(writer: {SCHEMA_VERSION}); use another --out or delete the old shards")
+
+
+def _clean_temp_files(out_dir: str) -> list[str]:
+    stale = glob.glob(os.path.join(out_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tmp-*"))
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+def _format_problems(problems: list[tuple[str, str]], limit: int = 10) -> str:
+    lines = [f"  sample {tok}: {msg}" for tok, msg in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def build_shards(
+    dataroot: str,
+    versions: list[str] | str,
+    splits: list[str],
+    out_dir: str,
+    workers: int = 1,
+    samples_per_shard: int = 64,
+    skip_bad: bool = False,
+    verify: str = "sha256",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or resume) the shards of ``splits`` into ``out_dir`` and write ``manifest.json``.
+
+    Args:
+        dataroot: nuScenes root (holding ``samples/``, ``sweeps/``, ``lidarseg/``, ``<version>/``).
+        versions: one or more nuScenes versions; each split is taken from the one version providing it
+            (``v1.0-mini``: train/val, ``v1.0-trainval``: train/val, ``v1.0-test``: test).
+        splits: split names, e.g. ``["train", "val", "test"]``.
+        out_dir: output directory (created).
+        workers: processes writing shards in parallel (1 = in this process).
+        samples_per_shard: keyframes per tar shard.
+        skip_bad: drop samples with file problems (listed in the manifest) instead of failing.
+        verify: how finished shards are checked on resume: ``"sha256"`` (default) or ``"size"``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The manifest dict (also written to ``<out_dir>/manifest.json``).
+
+    Raises:
+        DataError: unknown split/version, bad input files (named), foreign schema in ``out_dir``.
+    """
+    from tqdm import tqdm
+
+    if isinstance(versions, str):
+        versions = [versions]
+    if verify not in ("sha256", "size"):
+        raise DataError(f"verify must be 'sha256' or 'size', got {verify!r}")
+    if not splits:
+        raise DataError("no split requested")
+    split_version = {s: version_for_split(list(versions), s) for s in dict.fromkeys(splits)}
+    os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
+    check_output_dir(out_dir)
+    _clean_temp_files(out_dir)
+
+    # 1. plan (devkit, main process only)
+    plans: dict[str, SplitPlan] = {}
+    for version in dict.fromkeys(split_version.values()):
+        nusc = open_nuscenes(dataroot, version)
+        for split, v in split_version.items():
+            if v == version:
+                plans[split] = plan_split(nusc, split)
+        del nusc
+    all_problems = [p for s in split_version for p in plans[s].problems]
+    if all_problems and not skip_bad:
+        raise DataError(f"{len(all_problems)} bad input file(s):\n{_format_problems(all_problems)}")
+
+    tasks: list[ShardTask] = []
+    skipped: dict[str, list[dict[str, str]]] = {}
+    for split in split_version:
+        plan = plans[split]
+        bad = {tok for tok, _ in plan.problems}
+        skipped[split] = [{"sample_token": t, "problem": m} for t, m in plan.problems]
+        recs = [r for r in plan.records if r.token not in bad]
+        if not recs:
+            raise DataError(f"split {split!r}: no sample left to write")
+        tasks += plan_shards(plan, recs, samples_per_shard, skip_bad)
+
+    # 2. resume: keep finished shards, remove shards of these splits that are no longer planned
+    done: dict[str, dict[str, Any]] = {}
+    todo: list[ShardTask] = []
+    for t in tasks:
+        e = _finished_entry(t, out_dir, verify)
+        if e is None:
+            todo.append(t)
+        else:
+            done[t.name] = e
+    planned = {t.name for t in tasks}
+    for split in split_version:
+        for p in glob.glob(os.path.join(out_dir, f"{split}-[0-9]*.tar")):
+            name = os.path.basename(p)
+            if _SHARD_RE.match(name) and name not in planned:
+                os.remove(p)
+                if os.path.exists(_sidecar_path(out_dir, name)):
+                    os.remove(_sidecar_path(out_dir, name))
+
+    # 3. write the missing shards
+    bar = tqdm(total=sum(len(t.records) for t in tasks), initial=sum(e["num_samples"] for e in done.values()),
+               unit="sample", desc=f"shards -> {out_dir}", disable=not progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for t in todo:
+                e = write_shard(t, dataroot, out_dir, skip_bad)
+                done[t.name] = e
+                bar.update(e["num_samples"])
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(todo))) as pool:
+                try:
+                    for e in pool.imap_unordered(_write_shard_star, [(t, dataroot, out_dir, skip_bad) for t in todo]):
+                        done[e["name"]] = e
+                        bar.update(e["num_samples"])
+                except BaseException:
+                    pool.terminate()
+                    pool.join()
+                    _clean_temp_files(out_dir)
+                    raise
+    finally:
+        bar.close()
+
+    # 4. manifest (merged with splits of earlier runs that this run did not touch)
+    man_path = os.path.join(out_dir, MANIFEST_NAME)
+    old_splits: dict[str, Any] = {}
+    if os.path.exists(man_path):
+        with open(man_path) as f:
+            old_splits = json.load(f).get("splits", {})
+    split_entries = {k: v for k, v in old_splits.items() if k not in split_version}
+    for split in split_version:
+        plan = plans[split]
+        entries = [done[t.name] for t in tasks if t.split == split]
+        shards = [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries]
+        late_skips = [s for e in entries for s in e["skipped"]]
+        late = {s["sample_token"] for s in late_skips}
+        skipped[split] = skipped[split] + late_skips
+        recs = [r for t in tasks if t.split == split for r in t.records if r.token not in late]
+        split_entries[split] = {
+            "version": plan.version,
+            "nuscenes_split": plan.devkit_split,
+            "has_lidarseg": plan.has_lidarseg,
+            "scenes_listed": plan.scenes_listed,
+            "scenes_present": plan.scenes_present,
+            "scenes_missing": plan.scenes_missing,
+            "samples_per_shard": samples_per_shard,
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "num_shards": len(shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "source_bytes": sum(sum(r.source_sizes) for r in recs),
+            "num_skipped": len(skipped[split]),
+            "skipped": skipped[split],
+            "shards": shards,
+        }
+    manifest = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "splits": {k: split_entries[k] for k in sorted(split_entries)},
+        "totals": {
+            "num_samples": sum(e["num_samples"] for e in split_entries.values()),
+            "num_shards": sum(e["num_shards"] for e in split_entries.values()),
+            "bytes": sum(e["bytes"] for e in split_entries.values()),
+            "source_bytes": sum(e["source_bytes"] for e in split_entries.values()),
+            "num_skipped": sum(e["num_skipped"] for e in split_entries.values()),
+        },
+    }
+    _atomic_write_json(man_path, manifest)
+    return manifest
+
+
+def read_manifest(path_or_dir: str) -> tuple[dict[str, Any], str]:
+    """Load ``manifest.json`` (given the file or its directory); returns (manifest, shard directory)."""
+    path = os.path.join(path_or_dir, MANIFEST_NAME) if os.path.isdir(path_or_dir) else path_or_dir
+    if not os.path.exists(path):
+        raise DataError(f"{path}: manifest not found")
+    with open(path) as f:
+        m = json.load(f)
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema version {m.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    return m, os.path.dirname(os.path.abspath(path))

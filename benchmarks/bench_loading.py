@@ -11,6 +11,14 @@ found and read:
   original): per sample ``nusc.get`` of sample / sample_data / calibrated_sensor / ego_pose / lidarseg
   records, ``cv2.imread`` of 6 JPEG paths, ``np.fromfile`` of the ``.pcd.bin`` and the lidarseg ``.bin``.
 
+* ``original``: what the original's ``ImagePoint_NuScenes_withFeatures`` + ``DatasetWrapper`` did per training
+  sample (pipeline.md §1.3-1.9, §6-10), for comparison with the whole old pipeline: devkit lookups; images
+  as float32 BGR (``mmcv.imread`` + cast); labels mapped twice with ``np.vectorize(dict.__getitem__)``; per
+  camera the projection file ``<stem>__points.npy`` and the teacher-feature cache ``<stem>.pth.npy``
+  (float32 [N_cam, 512], written for this benchmark at the size the original stored), read with
+  ``torch.load`` first and ``np.load`` as fallback; voxel targets, and the ray-cast GT on every sample; the
+  collate's float64 casts. Our vectorised geometry stands in for its per-point loops (which favours it).
+
 Modes: ``full`` (everything above) and ``io`` (read + parse only: JPEG bytes, arrays, calibration; no JPEG
 decode, no geometry), each with a warm page cache and, where ``posix_fadvise(DONTNEED)`` works, a cold one
 (the source files and the shards are dropped from the page cache before the run; only our own files).
@@ -36,11 +44,24 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shards.geometry import CAMERAS, lidar_to_camera
+from shards.geometry import (
+    CAMERAS,
+    RAW_TO_AGNOSTIC,
+    RAW_TO_NOIGNORE,
+    GridSpec,
+    grid_indices,
+    lidar_to_camera,
+    occupancy_target,
+    project_points,
+    raycast_eval_gt,
+    voxel_majority_label,
+)
 from shards.loader import collate, compute_targets, make_loader
 from shards.reader import open_nuscenes, plan_split
 from shards.schema import decode_arrays
 from shards.writer import build_shards
+
+DEFAULT_GRID = GridSpec()
 
 
 class DevkitDataset(Dataset):
@@ -89,6 +110,88 @@ class DevkitDataset(Dataset):
         tt = (lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)))
         return {"token": sample["token"], "image": images, "img_hw": hw, "points": torch.from_numpy(pts),
                 "labels_raw": tt(seg), **{k: tt(v) for k, v in t.items()}}
+
+
+class OriginalStyleDataset(DevkitDataset):
+    """The original's per-sample work, including its teacher-feature cache files (see the module docstring)."""
+
+    def __init__(self, dataroot: str, version: str, split: str, cache_dir: str, repeat: int = 1) -> None:
+        super().__init__(dataroot, version, split, repeat=repeat)
+        self.cache_dir = cache_dir
+        self.agnostic = {i: int(v) for i, v in enumerate(RAW_TO_AGNOSTIC)}
+        self.noignore = {i: int(v) for i, v in enumerate(RAW_TO_NOIGNORE)}
+
+    def write_cache(self) -> int:
+        """The projection and feature files the original kept per image; returns their bytes."""
+        rng = np.random.default_rng(0)
+        total = 0
+        for token in dict.fromkeys(self.tokens):
+            sample = self.nusc.get("sample", token)
+            lidar_sd = self.nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+            pts = np.fromfile(os.path.join(self.root, lidar_sd["filename"]), np.float32).reshape(-1, 5)[:, :3]
+            for cam in CAMERAS:
+                stem, K, T = self._camera(lidar_sd, sample, cam)
+                idx, rowcol = project_points(pts, T, K, (900, 1600))
+                os.makedirs(os.path.join(self.cache_dir, cam), exist_ok=True)
+                base = os.path.join(self.cache_dir, cam, stem)
+                np.save(base + "__points.npy", idx)
+                np.save(base + "__pixels.npy", rowcol)
+                np.save(base + ".pth.npy", rng.random((len(idx), 512), dtype=np.float32))
+                total += sum(os.path.getsize(base + e) for e in ("__points.npy", "__pixels.npy", ".pth.npy"))
+        return total
+
+    def _camera(self, lidar_sd: dict, sample: dict, cam: str) -> tuple[str, np.ndarray, np.ndarray]:
+        nusc = self.nusc
+        sd = nusc.get("sample_data", sample["data"][cam])
+        cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+        lidar_cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
+        lidar_pose = nusc.get("ego_pose", lidar_sd["ego_pose_token"])
+        T = lidar_to_camera(lidar_cs, lidar_pose, nusc.get("ego_pose", sd["ego_pose_token"]), cs)
+        stem = os.path.splitext(os.path.basename(sd["filename"]))[0]
+        return stem, np.asarray(cs["camera_intrinsic"], np.float64), T
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import cv2
+
+        nusc = self.nusc
+        sample = nusc.get("sample", self.tokens[i])
+        lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+        imgs, matching, feats = [], [], []
+        for cam in CAMERAS:
+            stem, _, _ = self._camera(lidar_sd, sample, cam)
+            sd = nusc.get("sample_data", sample["data"][cam])
+            imgs.append(cv2.imread(os.path.join(self.root, sd["filename"]), cv2.IMREAD_UNCHANGED).astype(np.float32))
+            base = os.path.join(self.cache_dir, cam, stem)
+            matching.append(np.load(base + "__points.npy"))
+            try:  # the original tried torch.load first on the .npy feature file
+                f = torch.load(base + ".pth.npy", weights_only=True)
+            except Exception:  # noqa: BLE001 (as the original: any failure -> np.load)
+                f = np.load(base + ".pth.npy")
+            feats.append(f)
+        xyz = np.fromfile(os.path.join(self.root, lidar_sd["filename"]), np.float32).reshape(-1, 5)[:, :3]
+        raw = np.fromfile(os.path.join(self.root, nusc.get("lidarseg", lidar_sd["token"])["filename"]), np.uint8)
+        labels_agn = np.vectorize(self.agnostic.__getitem__)(raw)
+        labels = np.vectorize(self.noignore.__getitem__)(raw).astype(np.uint8)
+        matching_points = np.concatenate(matching)
+        g = grid_indices(xyz, DEFAULT_GRID, np.float64)
+        out = {
+            "imgs": np.stack(imgs),
+            "occupancy": occupancy_target(g, DEFAULT_GRID).astype(np.int64),
+            "grid_ind_float": g,
+            "labels": labels_agn[:, None].astype(np.int64),
+            "voxel_label": voxel_majority_label(g, labels, DEFAULT_GRID),
+            "feature_grid": g[matching_points],
+            "features": np.concatenate(feats).astype(np.float64),  # the collate's float64 cast
+            "eval_gt": raycast_eval_gt(xyz, labels, DEFAULT_GRID),
+        }
+        return {"token": sample["token"], **out}
+
+
+def _original_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The original collate: batch size 1, float64 for grids/features (dataset_wrapper.py:469-490)."""
+    (s,) = samples
+    return {"tokens": [s["token"]], **{k: torch.from_numpy(np.ascontiguousarray(v))[None]
+                                       for k, v in s.items() if k != "token"}}
 
 
 def _io_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -184,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     src_bytes = sum(os.path.getsize(p) for p in src_files)
     shard_bytes = sum(os.path.getsize(p) for p in shard_files)
 
+    original = OriginalStyleDataset(root, a.version, a.split, os.path.join(tmp.name, "feature_cache"),
+                                    repeat=a.epochs)
+    cache_bytes = original.write_cache()
     nw = a.workers
     rep_shards = shard_files * a.epochs  # one pass over `epochs` copies: one worker start per measurement
     makers = {
@@ -191,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 shuffle=False),
         ("full", "devkit"): lambda: DataLoader(DevkitDataset(root, a.version, a.split, repeat=a.epochs),
                                                batch_size=1, num_workers=nw, collate_fn=collate),
+        ("full", "original"): lambda: DataLoader(original, batch_size=1, num_workers=nw,
+                                                 collate_fn=_original_collate),
         ("io", "shards"): lambda: _shard_io_loader(rep_shards, nw),
         ("io", "devkit"): lambda: DataLoader(DevkitDataset(root, a.version, a.split, io_only=True, repeat=a.epochs),
                                              batch_size=1, num_workers=nw, collate_fn=_io_collate),
@@ -198,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     for mode in ("full", "io"):
         for cache in ("warm", "cold"):
-            runs: dict[str, list[dict[str, float]]] = {"devkit": [], "shards": []}
+            names = ("devkit", "original", "shards") if mode == "full" else ("devkit", "shards")
+            runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
             for _ in range(a.trials):  # alternate the loaders; keep the best trial of each (shared machine)
-                for loader in ("devkit", "shards"):
+                for loader in names:
                     if cache == "cold" and not _drop_cache(src_files + shard_files):
                         break
                     runs[loader].append(_run(makers[(mode, loader)]))
@@ -209,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 r = max(rs, key=lambda x: x["samples_per_s"])
                 results.append({"mode": mode, "cache": cache, "loader": loader, "trials": len(rs), **r})
-                print(f"{mode:4s} {cache:4s} {loader:6s} {r['samples_per_s']:8.2f} samples/s "
+                print(f"{mode:4s} {cache:4s} {loader:8s} {r['samples_per_s']:8.2f} samples/s "
                       f"(best of {len(rs)}; setup {r['setup_s']:.2f} s, first batch {r['first_batch_s']:.2f} s)",
                       flush=True)
 
@@ -220,18 +329,23 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     print()
-    print(f"| mode | cache | devkit samples/s | shards samples/s | speed-up |   (workers={a.workers}, "
-          f"{len(plan.records)} samples, {a.split})")
-    print("|---|---|---|---|---|")
+    print(f"| mode | cache | devkit samples/s | original samples/s | shards samples/s | shards/devkit | "
+          f"shards/original |   (workers={a.workers}, {len(plan.records)} samples, {a.split})")
+    print("|---|---|---|---|---|---|---|")
     speedups = {}
     for mode in ("full", "io"):
         for cache in ("warm", "cold"):
-            d, s = sps(mode, cache, "devkit"), sps(mode, cache, "shards")
+            d, o, s = sps(mode, cache, "devkit"), sps(mode, cache, "original"), sps(mode, cache, "shards")
             if d is None or s is None:
                 continue
             speedups[f"{mode}/{cache}"] = s / d
-            print(f"| {mode} | {cache} | {d:.2f} | {s:.2f} | {s / d:.2f}x |")
-    print(f"\nbytes: shards {shard_bytes} vs source files {src_bytes} -> {shard_bytes / src_bytes:.3f}x")
+            if o is not None:
+                speedups[f"{mode}/{cache}/vs_original"] = s / o
+            o_txt, r_txt = (f"{o:.2f}", f"{s / o:.2f}x") if o is not None else ("-", "-")
+            print(f"| {mode} | {cache} | {d:.2f} | {o_txt} | {s:.2f} | {s / d:.2f}x | {r_txt} |")
+    print(f"\nbytes: shards {shard_bytes} vs source files {src_bytes} -> {shard_bytes / src_bytes:.3f}x; "
+          f"the original also needed {cache_bytes} bytes of projection + feature files "
+          f"({cache_bytes / src_bytes:.2f}x the source)")
     out = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "dataroot": "synthetic" if a.dataroot is None else a.dataroot,
@@ -244,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_shard": a.samples_per_shard,
         "results": results,
         "speedup": speedups,
-        "bytes": {"shards": shard_bytes, "source": src_bytes, "ratio": shard_bytes / src_bytes},
+        "bytes": {"shards": shard_bytes, "source": src_bytes, "ratio": shard_bytes / src_bytes,
+                  "original_cache": cache_bytes},
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

@@ -20,10 +20,17 @@ from pathlib import Path
 import torch
 
 from pop3d.model import StudentConfig, TPVFormer
-from teacher.weights_io import CheckpointError, load_safetensors, read_pth, save_safetensors, state_dict_of
+from teacher.weights_io import (
+    CheckpointError,
+    describe_mismatch,
+    format_keys,
+    load_safetensors,
+    read_pth,
+    save_safetensors,
+    state_dict_of,
+)
 
 KINDS = ("pop3d", "fcos3d")
-_SHOW = 5  # offending keys named in an error message
 
 
 def expected_state_dict_shapes(cfg: StudentConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -33,26 +40,9 @@ def expected_state_dict_shapes(cfg: StudentConfig) -> dict[str, tuple[tuple[int,
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-def _fmt(keys: list[str]) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(keys[:_SHOW]) + more
-
-
 def _mismatch_report(sd: dict[str, torch.Tensor], expected: dict, path, what: str) -> str | None:
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs expected {expected[k][0]}" for k in sd
-              if k in expected and tuple(sd[k].shape) != expected[k][0]]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing: {_fmt(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected: {_fmt(unexpected)}")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches: {_fmt(shapes)}")
-    if not parts:
-        return None
-    return f"{path}: does not fit the {what}; " + "; ".join(parts)
+    diff = describe_mismatch({k: tuple(v.shape) for k, v in sd.items()}, {k: v[0] for k, v in expected.items()})
+    return None if diff is None else f"{path}: does not fit the {what}; {diff}"
 
 
 def _group_counts(keys) -> str:
@@ -169,7 +159,7 @@ def convert_fcos3d_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, cf
     if verbose:
         print(f"[convert fcos3d] {src} -> {dst}: kept {len(res.tensors)} keys ({_group_counts(res.tensors)}); "
               f"renamed {res.renamed}; ignored {len(res.dropped)} keys outside backbone/neck"
-              + (f" (e.g. {_fmt(res.dropped)})" if res.dropped else ""))
+              + (f" (e.g. {format_keys(res.dropped)})" if res.dropped else ""))
         if res.filled:
             print(f"[convert fcos3d] filled {len(res.filled)} missing BN num_batches_tracked with 0")
         if res.neck_dropped:
@@ -194,7 +184,7 @@ class LoadReport:
         if self.missing:
             s += f"; left uninitialised {len(self.missing)} ({_group_counts(self.missing)})"
         if self.unexpected:
-            s += f"; unexpected {len(self.unexpected)}: {_fmt(self.unexpected)}"
+            s += f"; unexpected {len(self.unexpected)}: {format_keys(self.unexpected)}"
         return s
 
 
@@ -216,12 +206,12 @@ def load_student_weights(model: TPVFormer, safetensors_path: str | os.PathLike, 
         return LoadReport(kind, sorted(tensors), [], [], meta)
     unexpected = [k for k in tensors if k not in expected or not k.startswith(("img_backbone.", "img_neck."))]
     if unexpected:
-        raise CheckpointError(f"{safetensors_path}: keys outside the model's backbone/neck: {_fmt(unexpected)}")
+        raise CheckpointError(f"{safetensors_path}: keys outside the model's backbone/neck: {format_keys(unexpected)}")
     bad = [f"{k} {tuple(v.shape)} vs {expected[k][0]}" for k, v in tensors.items() if tuple(v.shape) != expected[k][0]]
     if bad:
-        raise CheckpointError(f"{safetensors_path}: shape mismatches: {_fmt(bad)}")
+        raise CheckpointError(f"{safetensors_path}: shape mismatches: {format_keys(bad)}")
     missing_bb = [k for k in expected if k.startswith("img_backbone.") and k not in tensors]
     if missing_bb:
-        raise CheckpointError(f"{safetensors_path}: backbone keys missing: {_fmt(missing_bb)}")
+        raise CheckpointError(f"{safetensors_path}: backbone keys missing: {format_keys(missing_bb)}")
     result = model.load_state_dict(tensors, strict=False)
     return LoadReport(kind, sorted(tensors), list(result.missing_keys), list(result.unexpected_keys), meta)

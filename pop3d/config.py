@@ -238,3 +238,21 @@ def config_to_dict(cfg: Any) -> Any:
     if isinstance(cfg, (list, tuple)):
         return [config_to_dict(v) for v in cfg]
     return cfg
+
+
+def add_config_arguments(parser) -> None:
+    """``--config FILE`` and repeatable ``--set section.key=value`` on an argparse parser."""
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set train.max_steps=10")
+
+
+def config_from_args(args) -> RunConfig | None:
+    """Load the config named by :func:`add_config_arguments`; print the error and return None if invalid."""
+    try:
+        return load_config(args.config, args.set)
+    except ConfigError as exc:
+        import sys
+
+        print(f"config error: {exc}", file=sys.stderr)
+        return None

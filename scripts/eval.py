@@ -16,12 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
-from pop3d.config import ConfigError, load_config
+from pop3d.config import add_config_arguments, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    add_config_arguments(parser)
     parser.add_argument("--weights", required=True, help="student .safetensors (training output or converted)")
     parser.add_argument("--text-embeddings", help="text embeddings .safetensors (default: eval.text_embeddings)")
     parser.add_argument("--random-text-embeddings", action="store_true",
@@ -30,13 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int)
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="JSON results path")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    cfg = config_from_args(args)
+    if cfg is None:
         return 2
 
     import torch

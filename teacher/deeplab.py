@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teacher.weights_io import describe_mismatch
+
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 LAYER3_BLOCKS_TO_DEPTH = {blocks[2]: depth for depth, blocks in STAGE_BLOCKS.items()}
 STAGE_STRIDES = (1, 2, 1, 1)
@@ -277,19 +279,8 @@ def infer_arch(sd: dict[str, torch.Tensor], source: str = "<state dict>",
 def load_strict(model: MaskClipPlusDeepLab, sd: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
     """Strict load by exact key names; an error names missing / unexpected / mis-shaped keys and ``source``."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or bad:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" … (+{len(keys) - 8})" if len(keys) > 8 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {show(unexpected)}")
-        if bad:
-            parts.append("shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-                                                    for k in bad]))
-        raise ValueError(f"{source}: does not fit {model.arch}: " + "; ".join(parts))
+    diff = describe_mismatch({k: tuple(v.shape) for k, v in sorted(sd.items())},
+                             {k: tuple(v.shape) for k, v in sorted(own.items())})
+    if diff is not None:
+        raise ValueError(f"{source}: does not fit {model.arch}: {diff}")
     model.load_state_dict(sd, strict=True)

@@ -105,3 +105,21 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     except Exception as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from exc
     return tensors, meta
+
+
+def format_keys(keys: list[str], limit: int = 8) -> str:
+    """The first ``limit`` keys, comma-separated, with a count of the rest."""
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def describe_mismatch(got: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Compare two key -> shape maps: None when equal, else '3 missing: a, b, c; 1 unexpected: d; 1 shape
+    mismatches: e (2, 3) vs expected (3, 2)' (keys in the order of the maps, the first few of each kind)."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {tuple(got[k])} vs expected {tuple(expected[k])}" for k in got
+              if k in expected and tuple(got[k]) != tuple(expected[k])]
+    parts = [f"{len(v)} {name}: {format_keys(v)}" for name, v in
+             (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes)) if v]
+    return "; ".join(parts) or None

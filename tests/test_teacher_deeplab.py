@@ -85,7 +85,7 @@ def test_strict_load_from_pth_small_widths(tmp_path, depth):
 def test_strict_load_rejects_wrong_depth():
     sd = _random_sd(DeepLabArch(depth=50, base_channels=2, stem_channels=4, aspp_channels=3))
     model = MaskClipPlusDeepLab(DeepLabArch(depth=101, base_channels=2, stem_channels=4, aspp_channels=3))
-    with pytest.raises(ValueError, match=r"missing 306: backbone\.layer3\.10\."):
+    with pytest.raises(ValueError, match=r"306 missing: backbone\.layer3\.10\."):
         load_strict(model, sd, "x.safetensors")
 
 

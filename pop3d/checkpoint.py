@@ -179,6 +179,9 @@ class LoadReport:
     unexpected: list[str]
     metadata: dict[str, str]
 
+    def __str__(self) -> str:
+        return self.summary()
+
     def summary(self) -> str:
         s = f"{self.kind}: loaded {len(self.loaded)} tensors"
         if self.missing:

@@ -87,7 +87,8 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
     from tqdm.auto import tqdm
 
     meters = EvalMeters(MeanIoU(list(range(1, 18)), list(CLASS_NAMES)), MeanIoU([0, 1], ["free", "occupied"]),
-                        MeanIoU(list(range(1, 17)), list(CLASS_NAMES[:16]), ignore_label=0))
+                        MeanIoU(list(range(1, 17)), list(CLASS_NAMES[:16]), ignore_label=0,
+                                unit="points"))
     text = prompts.embeddings.to(device)
     prompt_class = prompts.prompt_class.to(device)
     model.eval()

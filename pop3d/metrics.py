@@ -25,6 +25,8 @@ class MeanIoU:
     classes: list[int]
     names: list[str]
     ignore_label: int = IGNORE_LABEL
+    unit: str = "voxels"
+    """What is counted, for the table header."""
     counts: torch.Tensor = field(init=False)  # (3, K) int64: seen, predicted, correct
 
     def __post_init__(self) -> None:
@@ -67,7 +69,7 @@ class MeanIoU:
     def table(self) -> str:
         iou = self.iou()
         seen = self.counts[0]
-        lines = [f"{'class':<22}{'IoU %':>8}{'GT voxels':>12}"]
+        lines = [f"{'class':<22}{'IoU %':>8}{'GT ' + self.unit:>12}"]
         for name, v, s in zip(self.names, iou.tolist(), seen.tolist()):
             lines.append(f"{name:<22}{('  unseen' if math.isnan(v) else f'{100 * v:8.2f}')}{s:>12d}")
         summ = self.summary()

@@ -4,7 +4,11 @@
     python scripts/convert_weights.py pop3d  pop3d_weights.pth           ckpts/pop3d.safetensors --config configs/pop3d_12ep.yaml
     python scripts/convert_weights.py fcos3d r101_dcn_fcos3d_pretrain.pth ckpts/fcos3d_r101_dcn.safetensors --config configs/pop3d_12ep.yaml
     python scripts/convert_weights.py maskclip_plus maskclip_plus_vit16_deeplabv2_r101-d8_512x512_8k_coco-stuff164k.pth ckpts/maskclip_plus.safetensors
+    python scripts/convert_weights.py clip ViT-B-16.pt ckpts/clip_vit_b16.safetensors --unsafe-allow-pickle-code-execution
     python scripts/convert_weights.py zeroshot zeroshot_weights.pth ckpts/zeroshot_text.safetensors
+
+(`clip`: an open_clip or OpenAI ViT-B/16 file, for the MaskCLIP ViT teacher and scripts/text_embeddings.py;
+OpenAI's .pt is a TorchScript archive, which only loads with full unpickling.)
 
 Pickle is read with torch.load(weights_only=True). A file that needs full unpickling is refused unless you pass
 --unsafe-allow-pickle-code-execution (only for files from a source you trust). A file whose keys or shapes do
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from teacher.weights_io import UNSAFE_FLAG, CheckpointError
 
-KINDS = ("pop3d", "fcos3d", "maskclip_plus", "zeroshot")
+KINDS = ("pop3d", "fcos3d", "maskclip_plus", "clip", "zeroshot")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             from teacher.checkpoint import convert_maskclip_plus
 
             convert_maskclip_plus(args.src, args.dst, allow_unsafe_pickle=args.unsafe)
+        elif args.kind == "clip":
+            from teacher.checkpoint import convert_clip_weights
+
+            convert_clip_weights(args.src, args.dst, allow_unsafe_pickle=args.unsafe)
         else:
             from teacher.checkpoint import convert_zeroshot_weights
 

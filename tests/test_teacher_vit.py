@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from teacher.vit import build_maskclip_vit
+from teacher.vit import MaskClipViT, build_maskclip_vit
 
 SMALL = {"embed_dim": 24, "vision_cfg": {"image_size": 64, "layers": 3, "width": 32, "patch_size": 16, "head_width": 16},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
@@ -70,3 +70,35 @@ def test_vit_b16_random_real_layout_small_input():
     with torch.no_grad():
         y = model(torch.randn(1, 3, 40, 72))
     assert y.shape == (1, 512, 3, 5) and model.out_channels == 512
+
+
+def test_clip_file_converts_and_loads_into_the_vit_teacher(tmp_path):
+    """The real loading path of the MaskCLIP ViT teacher: an open_clip ViT-B-16 checkpoint file (random values,
+    real key layout) -> scripts/convert_weights.py clip -> safetensors -> LiveTeacher, equal to the source."""
+    import subprocess
+    import sys
+
+    import open_clip
+    from _paths import ROOT
+
+    from teacher.live import TeacherConfig, build_teacher_from_config
+
+    torch.manual_seed(1)
+    source = open_clip.create_model("ViT-B-16")
+    torch.save(source.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    dst = tmp_path / "clip_vit_b16.safetensors"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_weights.py"), "clip",
+                           str(tmp_path / "open_clip_pytorch_model.bin"), str(dst)],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    teacher = build_teacher_from_config(TeacherConfig(kind="maskclip_vit", weights=str(dst), resize_fit=(96, 48),
+                                                      resize_method="float"))
+    assert torch.equal(teacher.net.visual.conv1.weight, source.visual.conv1.weight)
+    images = torch.randint(0, 256, (1, 6, 3, 45, 80), dtype=torch.uint8)
+    feats, net_hw = teacher.features(images[0])
+    with torch.no_grad():
+        from teacher.preprocess import preprocess
+
+        want = MaskClipViT(source.visual).eval()(preprocess(images[0], (96, 48), method="float"))
+    torch.testing.assert_close(feats, want)
+    assert net_hw == (48, 85)

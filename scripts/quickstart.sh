@@ -7,12 +7,12 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 DATA=data/synthetic_nuscenes
 SHARDS=data/synthetic_shards
-echo "== 1/4 synthetic nuScenes (real on-disk format) -> $DATA"
+echo "== 1/5 synthetic nuScenes (real on-disk format) -> $DATA"
 $PY scripts/make_synthetic_nuscenes.py --out "$DATA" --seed 0
-echo "== 2/4 shards -> $SHARDS"
+echo "== 2/5 shards -> $SHARDS"
 $PY scripts/build_shards.py --dataroot "$DATA" --version v1.0-mini --splits train val --out "$SHARDS" \
     --workers 2 --samples-per-shard 4
-echo "== 3/4 train configs/tiny.yaml (CPU, a few minutes)"
+echo "== 3/5 train configs/tiny.yaml (CPU, a few minutes)"
 cat <<'MSG'
 ############################################################################################################
 #  QUICK START: the teacher has RANDOM weights and the eval uses RANDOM text embeddings.                   #
@@ -21,6 +21,9 @@ cat <<'MSG'
 ############################################################################################################
 MSG
 $PY scripts/train.py --config configs/tiny.yaml
-echo "== 4/4 zero-shot evaluation on the synthetic val split"
+echo "== 4/5 zero-shot evaluation on the synthetic val split"
 $PY scripts/eval.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors --random-text-embeddings
-echo "quick start done: runs/tiny/ holds the log, checkpoints, student.safetensors and the eval JSON"
+echo "== 5/5 picture of the predicted occupancy (cameras with the teacher's targets, top views, 3D)"
+$PY scripts/visualize.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors \
+    --random-text-embeddings --teacher --index 0 --out runs/tiny/sample_val_0.png
+echo "quick start done: runs/tiny/ holds the log, checkpoints, student.safetensors, the eval JSON and a PNG"

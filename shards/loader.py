@@ -227,6 +227,20 @@ class _TarSamples:
                 raise ShardReadError(f"{url}: shard holds {n} samples, the manifest says {expected}")
 
 
+class _TokenFilter:
+    """Pipeline stage predicate: keep only samples whose key (the sample token) is in ``tokens``.
+
+    Runs on the raw tar members, before any JPEG decode or geometry, so skipped samples cost only their
+    tar read.
+    """
+
+    def __init__(self, tokens: set[str] | frozenset[str]) -> None:
+        self.tokens = frozenset(tokens)
+
+    def __call__(self, sample: dict[str, Any]) -> bool:
+        return sample["__key__"] in self.tokens
+
+
 class _SampleShuffle:
     """Seeded shuffle buffer (per epoch, rank and worker)."""
 
@@ -415,6 +429,7 @@ class ShardDataset(wds.DataPipeline):
         resampled: bool = False,
         split_nodes: bool = True,
         drop_last: bool = False,
+        tokens: set[str] | None = None,
     ) -> None:
         self.state = _EpochState(seed)
         stages: list[Any] = [_ShardSource(urls, self.state, shuffle, resampled)]
@@ -423,6 +438,8 @@ class ShardDataset(wds.DataPipeline):
         if not resampled:
             stages.append(wds.split_by_worker)
         stages.append(_TarSamples(counts))
+        if tokens is not None:
+            stages.append(wds.select(_TokenFilter(tokens)))
         if shuffle_buffer > 1:
             stages.append(_SampleShuffle(self.state, shuffle_buffer))
         stages.append(wds.map(_Process(grid, with_eval_gt)))
@@ -454,6 +471,7 @@ def make_loader(
     split_nodes: bool = True,
     drop_last: bool = False,
     pin_memory: bool = False,
+    tokens: set[str] | None = None,
 ) -> DataLoader:
     """A DataLoader over the shards of ``split`` yielding the batch dict of docs/architecture.md.
 
@@ -472,6 +490,9 @@ def make_loader(
         split_nodes: split shards over distributed ranks (turn off only when something else shards).
         drop_last: drop a last incomplete batch of each worker.
         pin_memory: DataLoader ``pin_memory``.
+        tokens: keep only the samples with these sample tokens (None: all). Other samples are dropped
+            right after the tar read, before JPEG decode and geometry; the manifest sample-count check
+            still covers every sample of a shard.
 
     Raises:
         ValueError: no shards, or fewer shards than ``world_size * max(1, num_workers)`` without resampling.
@@ -492,9 +513,29 @@ def make_loader(
     if resampled and not epoch_batches:
         raise ValueError("resampled=True needs epoch_batches (the stream is infinite)")
     ds = ShardDataset(urls, counts, batch_size, grid, eval_gt, shuffle, shuffle_buffer, seed, resampled,
-                      split_nodes, drop_last)
+                      split_nodes, drop_last, tokens)
     ds.set_epoch(epoch)
     if epoch_batches:
         ds = ds.with_epoch(math.ceil(epoch_batches / max(1, num_workers)))
     return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity,
                       pin_memory=pin_memory, persistent_workers=False)
+
+
+def read_sample(source: str | list[str], split: str, grid: GridSpec = DEFAULT_GRID, index: int | None = None,
+                token: str | None = None, eval_gt: bool = True) -> dict[str, Any]:
+    """The batch dict (batch size 1) of one sample: number ``index`` in shard order, or the sample ``token``.
+
+    Only the chosen sample is decoded and processed (the others are skipped as raw tar members).
+    Raises LookupError naming the shards when there is no such sample.
+    """
+    if (index is None) == (token is None):
+        raise ValueError("read_sample: give exactly one of index and token")
+    paths, _ = list_shards(source, split)
+    seen = 0
+    for path in paths:
+        for raw in _iter_tar_samples(path):
+            if raw["__key__"] == token or (token is None and seen == index):
+                return collate([process_sample(raw, grid, eval_gt)])
+            seen += 1
+    what = f"token {token}" if token is not None else f"index {index}"
+    raise LookupError(f"{source}: split {split!r} has no sample with {what} ({seen} samples)")

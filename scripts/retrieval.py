@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Open-vocabulary 3D retrieval benchmark of POP-3D (pipeline.md §5): POP3D vs the live MaskCLIP+ teacher.
+
+    python scripts/retrieval.py --config configs/pop3d_12ep.yaml --weights runs/pop3d/student.safetensors \
+        --benchmark data/retrieval_benchmark --clip-weights open_clip_vit_b16.safetensors
+
+The benchmark folder is the original release (``retrieval_anns_{train,val,test}.csv`` + ``annotations/``).
+Samples are read by token from the shards of ``data.shards`` (every split is searched; the split reported
+is the CSV's). Queries: ``--clip-weights`` (local open_clip ViT-B/16 file; 85 templates), or
+``--query-embeddings`` (a .safetensors written by ``--save-query-embeddings``), or ``--random-queries``
+(meaningless numbers; tests / quick start). Prints one table per split (train, val, test, valtest = val ∪ test)
+and writes ``results_<stamp>.txt`` (per sample: split;token;query;mAP;mAP_visible;N/A;mAP_visible_maskclip),
+``results_tables_<stamp>.txt`` and ``results_<stamp>.json`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pop3d.config import add_config_arguments, config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--weights", required=True, help="student .safetensors (training output or converted)")
+    parser.add_argument("--benchmark", required=True, type=Path,
+                        help="benchmark folder: retrieval_anns_<split>.csv + annotations/")
+    q = parser.add_mutually_exclusive_group(required=True)
+    q.add_argument("--clip-weights", help="LOCAL open_clip ViT-B-16 weight file for the query embeddings")
+    q.add_argument("--query-embeddings", help=".safetensors of query embeddings (--save-query-embeddings)")
+    q.add_argument("--random-queries", action="store_true",
+                   help="random query vectors: the numbers mean nothing (tests / quick start)")
+    parser.add_argument("--save-query-embeddings", metavar="FILE",
+                        help="also write the query embeddings used to FILE (.safetensors)")
+    parser.add_argument("--splits", nargs="+", default=["train", "val", "test"], choices=["train", "val", "test"])
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default ./results)")
+    parser.add_argument("--no-maskclip", action="store_true", help="skip the MaskCLIP (live teacher) baseline")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="report benchmark samples missing from the shards instead of failing")
+    parser.add_argument("--num-workers", type=int, help="loader workers (default: data.num_workers)")
+    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    if cfg is None:
+        return 2
+
+    import torch
+
+    from pop3d.checkpoint import load_student_weights
+    from pop3d.retrieval import (
+        TABLE_SPLITS,
+        BenchmarkError,
+        clip_query_embeddings,
+        evaluate_retrieval,
+        format_table,
+        load_query_embeddings,
+        random_query_embeddings,
+        read_benchmark,
+        save_query_embeddings,
+        summarize,
+        write_results,
+    )
+    from pop3d.training import build_student, grid_spec_of
+
+    try:
+        entries = read_benchmark(args.benchmark, args.splits)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    queries = [e.query for e in entries]
+    print(f"benchmark {args.benchmark}: {len(entries)} entries, {len(set(queries))} distinct queries "
+          f"({', '.join(f'{s} {sum(e.split == s for e in entries)}' for s in args.splits)})")
+    device = torch.device(args.device)
+    dim = cfg.model.feature_dim
+    if args.random_queries:
+        print("!" * 100 + "\n!! RANDOM QUERY EMBEDDINGS: the APs below are meaningless; they only show that the "
+              "pipeline runs.\n" + "!" * 100)
+        emb = random_query_embeddings(queries, dim)
+        source = "random"
+    elif args.query_embeddings:
+        try:
+            emb = load_query_embeddings(args.query_embeddings, queries)
+        except (BenchmarkError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        source = str(args.query_embeddings)
+    else:
+        emb = clip_query_embeddings(queries, args.clip_weights, device=device, progress=not args.no_progress)
+        source = str(args.clip_weights)
+    got = next(iter(emb.values())).shape[0]
+    if got != dim:
+        print(f"error: query embeddings have {got} dims, the student predicts {dim}", file=sys.stderr)
+        return 2
+    if args.save_query_embeddings:
+        save_query_embeddings(args.save_query_embeddings, emb, source)
+        print(f"wrote query embeddings to {args.save_query_embeddings}")
+
+    model = build_student(cfg)
+    print(f"weights {args.weights}: {load_student_weights(model, args.weights, kind='pop3d')}")
+    model.to(device)
+    teacher = None
+    if not args.no_maskclip:
+        from teacher.live import build_teacher_from_config
+
+        teacher = build_teacher_from_config(cfg.teacher, device=device)
+    try:
+        report = evaluate_retrieval(
+            model, teacher, entries, emb, cfg.data.shards, grid_spec_of(cfg), device=device,
+            student_image_hw=cfg.data.student_image_hw,
+            num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
+            progress=not args.no_progress, allow_missing=args.allow_missing)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table_splits = [s for s in TABLE_SPLITS if s in args.splits or s == "valtest"]
+    summaries = summarize(report.results, table_splits)
+    print()
+    for s in summaries:
+        print(format_table(s) + "\n")
+    for line in report.summary_lines():
+        print(line)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    paths = write_results(args.out, report, summaries, stamp, extra={
+        "weights": str(args.weights), "config": str(args.config), "benchmark": str(args.benchmark),
+        "queries": source, "random_queries": bool(args.random_queries), "maskclip": teacher is not None,
+        "teacher_weights": None if teacher is None else cfg.teacher.weights, "splits": list(args.splits)})
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Picture of one sample: the six cameras, the student's zero-shot occupancy (top view and 3D) and the GT.
+
+    python scripts/visualize.py --config configs/pop3d_12ep.yaml --weights runs/pop3d/student.safetensors \
+        --text-embeddings data/nuscenes_text_embeddings.safetensors --index 0 --out sample0.png
+    python scripts/visualize.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors \
+        --random-text-embeddings --teacher --token <sample token> --out /tmp/vis.png
+
+The prediction is the evaluation's (pipeline.md §4.2): occupied voxels take the class of the best-matching text
+prompt. The GT is the ray-cast evaluation GT when the split has lidarseg. ``--teacher`` also runs the live
+teacher at the LiDAR projections and draws its targets on the images as dots coloured by a 3-component PCA
+(similar colours = similar CLIP features). Top views: x to the right, y (forwards) up, ego car at the triangle.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pop3d.config import add_config_arguments, config_from_args
+
+LOUD = "!" * 100
+
+
+def save_figure_atomic(fig, out: Path, dpi: int) -> None:
+    """Write ``fig`` as PNG to a temporary file next to ``out``, then rename it over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--weights", required=True, help="student .safetensors (training output or converted)")
+    parser.add_argument("--split", help="split to read (default: data.val_split)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--index", type=int, default=0, help="sample number in shard order (default 0)")
+    which.add_argument("--token", help="sample token")
+    parser.add_argument("--text-embeddings", help="text embeddings .safetensors (default: eval.text_embeddings)")
+    parser.add_argument("--random-text-embeddings", action="store_true",
+                        help="random prompt vectors (no CLIP weights needed): the colours mean nothing")
+    parser.add_argument("--teacher", action="store_true",
+                        help="also run the live teacher and draw its targets on the images (PCA colours)")
+    parser.add_argument("--no-3d", action="store_true", help="leave out the 3D voxel view (faster)")
+    parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    if args.index < 0:
+        parser.error("--index must be >= 0")
+    cfg = config_from_args(args)
+    if cfg is None:
+        return 2
+
+    import torch
+
+    from pop3d.checkpoint import load_student_weights
+    from pop3d.evaluate import load_text_prompts, random_text_prompts
+    from pop3d.metrics import voxel_prediction
+    from pop3d.preprocess import prepare_student_inputs
+    from pop3d.training import build_student, grid_spec_of
+    from pop3d.visualize import render_sample, teacher_pca_colors
+    from shards.loader import read_sample
+
+    device = torch.device(args.device)
+    text_path = args.text_embeddings or cfg.eval.text_embeddings
+    if args.random_text_embeddings:
+        print(f"{LOUD}\n!! RANDOM TEXT EMBEDDINGS: the class colours of the prediction are meaningless; the "
+              f"picture only shows that the pipeline runs.\n{LOUD}")
+        prompts = random_text_prompts(cfg.model.feature_dim)
+    elif text_path:
+        prompts = load_text_prompts(text_path)
+    else:
+        print("error: no text embeddings: pass --text-embeddings FILE (scripts/text_embeddings.py makes one), "
+              "set eval.text_embeddings, or --random-text-embeddings", file=sys.stderr)
+        return 2
+    if prompts.embeddings.shape[1] != cfg.model.feature_dim:
+        print(f"error: text embeddings have {prompts.embeddings.shape[1]} dims, the student predicts "
+              f"{cfg.model.feature_dim}", file=sys.stderr)
+        return 2
+
+    split = args.split or cfg.data.val_split
+    grid = grid_spec_of(cfg)
+    token = args.token
+    try:
+        batch = read_sample(cfg.data.shards, split, grid, index=None if token else args.index, token=token)
+    except (LookupError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    token = batch["tokens"][0]
+
+    model = build_student(cfg)
+    report = load_student_weights(model, args.weights, kind="pop3d")
+    print(f"weights {args.weights}: {report}")
+    model.to(device).eval()
+    with torch.no_grad():
+        imgs, lidar2img, img_shape = prepare_student_inputs(
+            batch["images"].to(device), batch["lidar2img"].to(device), out_hw=cfg.data.student_image_hw)
+        pts = batch["grid_ind"][0].to(device).float().unsqueeze(0)
+        out = model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=True)
+        pred = voxel_prediction(out.logits_vox[0].float(), out.logits_vox_fts[0].float(),
+                                prompts.embeddings.to(device), prompts.prompt_class.to(device),
+                                cfg.eval.normalized_cosine).cpu()
+
+    teacher_points = None
+    if args.teacher:
+        from teacher.live import build_teacher_from_config
+
+        # build_teacher_from_config warns loudly itself when teacher.weights is null (random weights).
+        teacher = build_teacher_from_config(cfg.teacher, device=device)
+        feats = teacher(batch["images"].to(device), batch["proj_batch"].to(device), batch["proj_cam"].to(device),
+                        batch["proj_rowcol"].to(device))
+        teacher_points = (batch["proj_cam"], batch["proj_rowcol"], teacher_pca_colors(feats.float().cpu()))
+        print(f"teacher: {feats.shape[0]} targets of {feats.shape[1]} dims")
+
+    gt = batch["eval_gt"][0] if batch.get("eval_gt") is not None else None
+    notes = []
+    if args.random_text_embeddings:
+        notes.append("RANDOM text embeddings")
+    if args.teacher and cfg.teacher.weights is None:
+        notes.append("RANDOM teacher")
+    title = f"{split} sample {token}  |  weights {Path(args.weights).name}"
+    if notes:
+        title += "  |  " + ", ".join(notes) + " (meaningless colours)"
+    fig = render_sample(batch["images"][0], pred, gt, teacher_points, title=title, grid=grid,
+                        show_3d=not args.no_3d, dpi=args.dpi)
+    save_figure_atomic(fig, args.out, args.dpi)
+    print(f"wrote {args.out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -115,3 +115,24 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
             break
     bar.close()
     return meters
+
+
+def select_text_prompts(text_path: str | None, use_random: bool, feature_dim: int) -> TextPrompts:
+    """The prompts a command asked for: random ones (with a loud banner), a file, or an error that says how to
+    get one. Raises ValueError when none was given or the dimension differs from the student's."""
+    if use_random:
+        bar = "!" * 100
+        print(f"{bar}\n!! RANDOM TEXT EMBEDDINGS: class scores and colours are meaningless; they only show that "
+              f"the pipeline runs.\n{bar}")
+        prompts = random_text_prompts(feature_dim)
+    elif text_path:
+        prompts = load_text_prompts(text_path)
+        print(f"text embeddings {text_path}: {len(prompts.prompt_class)} prompts used, {prompts.dropped} dropped "
+              f"(their class is 'ignore')")
+    else:
+        raise ValueError("no text embeddings: pass --text-embeddings FILE (scripts/text_embeddings.py makes one), "
+                         "set eval.text_embeddings, or pass --random-text-embeddings")
+    if prompts.embeddings.shape[1] != feature_dim:
+        raise ValueError(f"text embeddings have {prompts.embeddings.shape[1]} dims, the student predicts "
+                         f"{feature_dim}")
+    return prompts

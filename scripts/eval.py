@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pop3d.checkpoint import load_student_weights
-    from pop3d.evaluate import evaluate, load_text_prompts, random_text_prompts
+    from pop3d.evaluate import evaluate, select_text_prompts
     from pop3d.training import build_student, grid_spec_of
     from shards.loader import make_loader
 
@@ -49,21 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights {args.weights}: {report}")
     model.to(device)
     text_path = args.text_embeddings or cfg.eval.text_embeddings
-    if args.random_text_embeddings:
-        print("!" * 100 + "\n!! RANDOM TEXT EMBEDDINGS: the class scores below are meaningless; they only show "
-              "that the pipeline runs.\n" + "!" * 100)
-        prompts = random_text_prompts(cfg.model.feature_dim)
-    elif text_path:
-        prompts = load_text_prompts(text_path)
-        print(f"text embeddings {text_path}: {len(prompts.prompt_class)} prompts used, {prompts.dropped} dropped "
-              f"(their class is 'ignore')")
-    else:
-        print("error: no text embeddings: pass --text-embeddings FILE (scripts/text_embeddings.py makes one) or "
-              "set eval.text_embeddings", file=sys.stderr)
-        return 2
-    if prompts.embeddings.shape[1] != cfg.model.feature_dim:
-        print(f"error: text embeddings have {prompts.embeddings.shape[1]} dims, the student predicts "
-              f"{cfg.model.feature_dim}", file=sys.stderr)
+    try:
+        prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     split = args.split or cfg.data.val_split
     loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,

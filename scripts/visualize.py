@@ -21,8 +21,6 @@ from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
 
-LOUD = "!" * 100
-
 
 def save_figure_atomic(fig, out: Path, dpi: int) -> None:
     """Write ``fig`` as PNG to a temporary file next to ``out``, then rename it over ``out``."""
@@ -64,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pop3d.checkpoint import load_student_weights
-    from pop3d.evaluate import load_text_prompts, random_text_prompts
+    from pop3d.evaluate import select_text_prompts
     from pop3d.metrics import voxel_prediction
     from pop3d.preprocess import prepare_student_inputs
     from pop3d.training import build_student, grid_spec_of
@@ -73,19 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     text_path = args.text_embeddings or cfg.eval.text_embeddings
-    if args.random_text_embeddings:
-        print(f"{LOUD}\n!! RANDOM TEXT EMBEDDINGS: the class colours of the prediction are meaningless; the "
-              f"picture only shows that the pipeline runs.\n{LOUD}")
-        prompts = random_text_prompts(cfg.model.feature_dim)
-    elif text_path:
-        prompts = load_text_prompts(text_path)
-    else:
-        print("error: no text embeddings: pass --text-embeddings FILE (scripts/text_embeddings.py makes one), "
-              "set eval.text_embeddings, or --random-text-embeddings", file=sys.stderr)
-        return 2
-    if prompts.embeddings.shape[1] != cfg.model.feature_dim:
-        print(f"error: text embeddings have {prompts.embeddings.shape[1]} dims, the student predicts "
-              f"{cfg.model.feature_dim}", file=sys.stderr)
+    try:
+        prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
     split = args.split or cfg.data.val_split

@@ -122,3 +122,21 @@ def test_accelerate_launch_two_cpu_processes(shard_root, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
     assert (tmp_path / "student.safetensors").is_file()
+
+
+def test_eval_script_prints_tables_and_writes_json(trained, shard_root, tmp_path):
+    _, _, final = trained
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "eval.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--set", f"data.shards={shard_root}", "--set", "data.num_workers=0", "--weights", str(final),
+           "--random-text-embeddings", "--max-samples", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RANDOM TEXT EMBEDDINGS" in proc.stdout and "mIoU (present classes)" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["samples"] == 2 and results["random_text_embeddings"] is True
+    assert set(results) >= {"semantic", "occupancy", "points"}
+    assert len(results["semantic"]["iou"]) == 17
+    no_text = subprocess.run(cmd[:-5] + ["--max-samples", "1"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, check=False)
+    assert no_text.returncode == 2 and "no text embeddings" in no_text.stderr

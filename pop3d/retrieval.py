@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 
 from pop3d.metrics import average_precision
 from pop3d.preprocess import prepare_student_inputs
+from teacher.weights_io import atomic_path
 
 log = logging.getLogger("pop3d.retrieval")
 
@@ -496,16 +496,8 @@ def format_table(s: SplitSummary) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_results(out_dir: str | os.PathLike, report: RetrievalReport, summaries: list[SplitSummary],

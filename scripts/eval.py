@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from pop3d.evaluate import evaluate, select_text_prompts
     from pop3d.training import build_student, grid_spec_of
     from shards.loader import make_loader
+    from teacher.weights_io import atomic_path
 
     device = torch.device(args.device)
     model = build_student(cfg)
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         meter = getattr(m, name)
         results[name] = {**meter.summary(), "iou": dict(zip(meter.names, meter.iou().tolist()))}
     out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
-    out.write_text(json.dumps(results, indent=2))
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -14,9 +14,7 @@ teacher at the LiDAR projections and draws its targets on the images as dots col
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
@@ -24,15 +22,10 @@ from pop3d.config import add_config_arguments, config_from_args
 
 def save_figure_atomic(fig, out: Path, dpi: int) -> None:
     """Write ``fig`` as PNG to a temporary file next to ``out``, then rename it over ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from teacher.weights_io import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,7 +176,7 @@ class LiveTeacher(nn.Module):
                 else:
                     vals = sample_grid(feats, li, rc[sel], (h, w))
                 out[sel] = vals
-        return out.clone()
+        return out
 
 
 def build_teacher(kind: str = "maskclip_plus", weights: str | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,23 @@ def random_text_prompts(dim: int, seed: int = 0) -> TextPrompts:
     return TextPrompts(emb, torch.arange(1, 17), 0)
 
 
+@torch.no_grad()
+def predict_sample(model, batch: dict[str, Any], device: torch.device, student_image_hw=None,
+                   voxel_features: bool = True):
+    """Run the student on one sample as the original evaluation/retrieval did: features asked at every LiDAR
+    point (float grid coordinates, out-of-range points clipped to the border voxels).
+
+    batch: the loader's batch dict with batch size 1. Returns the StudentOutput (``logits_pts_fts`` (1, N, C);
+    with ``voxel_features`` also ``logits_vox_fts`` (1, C, X, Y, Z)).
+    """
+    if len(batch["tokens"]) != 1:
+        raise ValueError("predict_sample expects batch size 1")
+    imgs, lidar2img, img_shape = prepare_student_inputs(
+        batch["images"].to(device), batch["lidar2img"].to(device), out_hw=student_image_hw)
+    pts = batch["grid_ind"][0].to(device).float().unsqueeze(0)
+    return model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=voxel_features)
+
+
 def occupancy_gt(eval_gt: torch.Tensor) -> torch.Tensor:
     """Binary GT from the ray-cast GT: 0 free (17), 1 occupied (1..16), 255 unobserved/ignored."""
     occ = (eval_gt != EMPTY_CLASS).long()
@@ -96,12 +114,7 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
     for batch in loader:
         if batch.get("eval_gt") is None or batch.get("labels") is None:
             raise ValueError(f"sample {batch['tokens'][0]}: the evaluation split has no lidarseg ground truth")
-        if len(batch["tokens"]) != 1:
-            raise ValueError("evaluation runs with batch size 1")
-        imgs, lidar2img, img_shape = prepare_student_inputs(
-            batch["images"].to(device), batch["lidar2img"].to(device), out_hw=student_image_hw)
-        pts = batch["grid_ind"][0].to(device).float().unsqueeze(0)
-        out = model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=True)
+        out = predict_sample(model, batch, device, student_image_hw)
         pred = voxel_prediction(out.logits_vox[0].float(), out.logits_vox_fts[0].float(), text, prompt_class,
                                 normalized_cosine)
         gt = batch["eval_gt"][0].to(device).long()

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pop3d.evaluate import predict_sample
 from pop3d.metrics import average_precision
-from pop3d.preprocess import prepare_student_inputs
 from teacher.weights_io import atomic_path
 
 log = logging.getLogger("pop3d.retrieval")
@@ -269,10 +269,7 @@ def student_point_features(model, batch: dict[str, Any], student_image_hw=None) 
     Called as the original retrieval/eval did: ``features`` = float grid coordinates of all points
     (out-of-range points clipped to the border voxels), no voxel pass.
     """
-    imgs, lidar2img, img_shape = prepare_student_inputs(batch["images"], batch["lidar2img"],
-                                                        out_hw=student_image_hw)
-    pts = batch["grid_ind"][0].float().unsqueeze(0)
-    out = model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=False)
+    out = predict_sample(model, batch, batch["images"].device, student_image_hw, voxel_features=False)
     return out.logits_pts_fts[0]
 
 

@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pop3d.checkpoint import load_student_weights
-    from pop3d.evaluate import select_text_prompts
+    from pop3d.evaluate import predict_sample, select_text_prompts
     from pop3d.metrics import voxel_prediction
-    from pop3d.preprocess import prepare_student_inputs
     from pop3d.training import build_student, grid_spec_of
     from pop3d.visualize import render_sample, teacher_pca_colors
     from shards.loader import read_sample
@@ -85,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights {args.weights}: {report}")
     model.to(device).eval()
     with torch.no_grad():
-        imgs, lidar2img, img_shape = prepare_student_inputs(
-            batch["images"].to(device), batch["lidar2img"].to(device), out_hw=cfg.data.student_image_hw)
-        pts = batch["grid_ind"][0].to(device).float().unsqueeze(0)
-        out = model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=True)
+        out = predict_sample(model, batch, device, cfg.data.student_image_hw)
         pred = voxel_prediction(out.logits_vox[0].float(), out.logits_vox_fts[0].float(),
                                 prompts.embeddings.to(device), prompts.prompt_class.to(device),
                                 cfg.eval.normalized_cosine).cpu()

@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pop3d.metrics import EMPTY_CLASS, IGNORE_LABEL, MeanIoU, voxel_prediction, zero_shot_classes
+from p3d_common.banner import warn_meaningless
+from p3d_common.labels import CLASS_NAMES, EMPTY_CLASS, IGNORE_LABEL, RAW_TO_NOIGNORE, SEMANTIC_CLASSES
+from pop3d.metrics import MeanIoU, voxel_prediction, zero_shot_classes
 from pop3d.preprocess import prepare_student_inputs
-
-CLASS_NAMES = ("barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
-               "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
-               "manmade", "vegetation", "empty")
 
 
 @dataclass
@@ -34,8 +32,6 @@ class TextPrompts:
 
 def prompts_from_raw(embeddings: torch.Tensor, raw_ids: torch.Tensor) -> TextPrompts:
     """Map each prompt's raw lidarseg id (0..31) to the 16 classes and drop prompts of ignored classes."""
-    from shards.geometry import RAW_TO_NOIGNORE
-
     if embeddings.dim() != 2 or raw_ids.shape != (embeddings.shape[0],):
         raise ValueError(f"text embeddings must be (K, C) with K class ids, got {tuple(embeddings.shape)} and "
                          f"{tuple(raw_ids.shape)}")
@@ -104,8 +100,9 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
     """
     from tqdm.auto import tqdm
 
-    meters = EvalMeters(MeanIoU(list(range(1, 18)), list(CLASS_NAMES)), MeanIoU([0, 1], ["free", "occupied"]),
-                        MeanIoU(list(range(1, 17)), list(CLASS_NAMES[:16]), ignore_label=0,
+    scored = [*SEMANTIC_CLASSES, EMPTY_CLASS]
+    meters = EvalMeters(MeanIoU(scored, [CLASS_NAMES[k] for k in scored]), MeanIoU([0, 1], ["free", "occupied"]),
+                        MeanIoU(list(SEMANTIC_CLASSES), [CLASS_NAMES[k] for k in SEMANTIC_CLASSES], ignore_label=0,
                                 unit="points"))
     text = prompts.embeddings.to(device)
     prompt_class = prompts.prompt_class.to(device)
@@ -134,9 +131,8 @@ def select_text_prompts(text_path: str | None, use_random: bool, feature_dim: in
     """The prompts a command asked for: random ones (with a loud banner), a file, or an error that says how to
     get one. Raises ValueError when none was given or the dimension differs from the student's."""
     if use_random:
-        bar = "!" * 100
-        print(f"{bar}\n!! RANDOM TEXT EMBEDDINGS: class scores and colours are meaningless; they only show that "
-              f"the pipeline runs.\n{bar}")
+        warn_meaningless("RANDOM TEXT EMBEDDINGS: class scores and colours are meaningless; they only show that "
+                         "the pipeline runs.")
         prompts = random_text_prompts(feature_dim)
     elif text_path:
         prompts = load_text_prompts(text_path)

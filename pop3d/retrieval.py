@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from p3d_common.atomic import atomic_path
+from p3d_common.banner import warn_meaningless
 from pop3d.evaluate import predict_sample
 from pop3d.metrics import average_precision
-from teacher.weights_io import atomic_path
 
 log = logging.getLogger("pop3d.retrieval")
 
@@ -162,7 +163,7 @@ def clip_query_embeddings(queries: list[str], clip_weights: str | os.PathLike, d
 def save_query_embeddings(path: str | os.PathLike, embeddings: dict[str, torch.Tensor],
                           source: str = "") -> None:
     """Write {query: (C,)} as .safetensors: tensor ``embeddings`` (Q, C) + metadata ``queries`` (JSON list)."""
-    from teacher.weights_io import save_safetensors
+    from p3d_common.safetensors_io import save_safetensors
 
     if not str(path).endswith(".safetensors"):
         raise ValueError(f"{path}: query embeddings are written as .safetensors")
@@ -174,7 +175,7 @@ def save_query_embeddings(path: str | os.PathLike, embeddings: dict[str, torch.T
 
 def load_query_embeddings(path: str | os.PathLike, queries: list[str]) -> dict[str, torch.Tensor]:
     """Read a file of :func:`save_query_embeddings`; every query in ``queries`` must be in it."""
-    from teacher.weights_io import load_safetensors
+    from p3d_common.safetensors_io import load_safetensors
 
     tensors, meta = load_safetensors(path)
     if "embeddings" not in tensors or "queries" not in meta:
@@ -193,10 +194,8 @@ def load_query_embeddings(path: str | os.PathLike, queries: list[str]) -> dict[s
 
 def random_query_embeddings(queries: list[str], dim: int) -> dict[str, torch.Tensor]:
     """Random unit vectors, one per query (seeded by the query text): tests / quick start only."""
-    log.warning("!" * 100)
-    log.warning("RANDOM QUERY EMBEDDINGS: the retrieval numbers are MEANINGLESS (tests / quick start only); "
-                "pass --clip-weights or --query-embeddings for real numbers.")
-    log.warning("!" * 100)
+    warn_meaningless("RANDOM QUERY EMBEDDINGS: the retrieval numbers are MEANINGLESS (tests / quick start only); "
+                     "pass --clip-weights or --query-embeddings for real numbers.", log)
     out = {}
     for q in sorted(set(queries)):
         g = torch.Generator().manual_seed(zlib.crc32(q.encode("utf-8")))

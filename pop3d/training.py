@@ -113,7 +113,7 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
 
 def save_student(model, path: Path, cfg: RunConfig, step: int) -> None:
     """Student weights only (never the teacher), as safetensors, with the config in the metadata."""
-    from teacher.weights_io import save_safetensors
+    from p3d_common.safetensors_io import save_safetensors
 
     save_safetensors(model.state_dict(), path, metadata={"format": "pop3d-student", "step": str(step),
                                             "model_config": config_to_dict(cfg.model)})

@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from p3d_common.atomic import atomic_path
     from pop3d.checkpoint import load_student_weights
     from pop3d.evaluate import evaluate, select_text_prompts
     from pop3d.training import build_student, grid_spec_of
     from shards.loader import make_loader
-    from teacher.weights_io import atomic_path
 
     device = torch.device(args.device)
     model = build_student(cfg)

@@ -22,7 +22,7 @@ from pop3d.config import add_config_arguments, config_from_args
 
 def save_figure_atomic(fig, out: Path, dpi: int) -> None:
     """Write ``fig`` as PNG to a temporary file next to ``out``, then rename it over ``out``."""
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

@@ -47,8 +47,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from p3d_common.labels import RAW_TO_NOIGNORE
 from shards.geometry import (
-    RAW_TO_NOIGNORE,
     GridSpec,
     grid_indices,
     lidar_to_image,

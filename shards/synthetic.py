@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.geometry import CAMERAS, LIDARSEG_CLASSES, quaternion_to_matrix
+from p3d_common.labels import LIDARSEG_CLASSES
+from shards.geometry import CAMERAS, quaternion_to_matrix
 
 __all__ = [
     "DEFAULT_MINI_SCENES",

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from p3d_common.atomic import atomic_write_json
 from shards.reader import (
     DataError,
     SampleRecord,
@@ -144,13 +145,7 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> int:
 
 
 def _atomic_write_json(path: str, obj: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def _sidecar_path(out_dir: str, name: str) -> str:

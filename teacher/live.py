@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from p3d_common.banner import warn_meaningless
 from teacher.preprocess import DEFAULT_RESIZE_FIT, RESIZE_METHODS, preprocess, rescale_size
 from teacher.sampling import ExactSampler, sample_grid
 
@@ -197,11 +198,9 @@ def build_teacher_from_config(cfg: TeacherConfig, device: str | torch.device = "
     """:func:`build_teacher` from a validated :class:`TeacherConfig`."""
     device = torch.device(device)
     if cfg.weights is None:
-        log.warning("!" * 100)
-        log.warning("TEACHER WITH RANDOM WEIGHTS (%s): no weights file given. The distillation targets are "
-                    "MEANINGLESS; convert the released checkpoint and set teacher.weights for real training.",
-                    cfg.kind)
-        log.warning("!" * 100)
+        warn_meaningless(f"TEACHER WITH RANDOM WEIGHTS ({cfg.kind}): no weights file given. The distillation "
+                         "targets are MEANINGLESS; convert the released checkpoint and set teacher.weights for "
+                         "real training.", log)
     if cfg.kind == "maskclip_plus":
         from teacher.checkpoint import load_maskclip_plus
         from teacher.deeplab import DeepLabArch, MaskClipPlusDeepLab

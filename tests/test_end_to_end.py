@@ -34,7 +34,7 @@ def trained(shard_root, tmp_path_factory):
 
 
 def test_training_writes_student_only_weights_and_finite_logs(trained):
-    from teacher.weights_io import load_safetensors
+    from p3d_common.safetensors_io import load_safetensors
 
     cfg, out, final = trained
     tensors, meta = load_safetensors(final)

@@ -360,7 +360,7 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
     """
     from tqdm.auto import tqdm
 
-    from pop3d.training import batch_to_device
+    from pop3d.factory import batch_to_device
 
     dim = next(iter(queries.values())).shape[0] if queries else None
     by_token: dict[str, list[int]] = {}

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from pop3d.config import RunConfig, config_to_dict
+from pop3d.factory import batch_to_device, build_student, grid_spec_of, save_student
 from pop3d.losses import LossTerms, pop3d_loss
 from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler
@@ -37,33 +38,6 @@ from pop3d.schedule import build_optimizer, build_scheduler
 log = logging.getLogger("pop3d.train")
 
 STATE_FILE = "trainer_state.json"
-
-
-def build_student(cfg: RunConfig):
-    from pop3d.model.tpvformer import TPVFormer
-
-    return TPVFormer(cfg.model)
-
-
-def grid_spec_of(cfg: RunConfig):
-    """The voxel grid of the student config as the shards' GridSpec."""
-    from shards.geometry import GridSpec
-
-    m = cfg.model
-    return GridSpec(pc_min=tuple(m.pc_range[:3]), pc_max=tuple(m.pc_range[3:]), size=(m.tpv_w, m.tpv_h, m.tpv_z))
-
-
-def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move tensors (and lists of tensors) of a batch dict to ``device``; other values pass through."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            out[key] = [v.to(device, non_blocking=True) for v in value]
-        else:
-            out[key] = value
-    return out
 
 
 def feature_points(batch: dict[str, Any]) -> torch.Tensor:
@@ -109,14 +83,6 @@ def _latest_checkpoint(out_dir: Path) -> Path | None:
     ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
     ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]  # only complete checkpoints
     return ckpts[-1] if ckpts else None
-
-
-def save_student(model, path: Path, cfg: RunConfig, step: int) -> None:
-    """Student weights only (never the teacher), as safetensors, with the config in the metadata."""
-    from p3d_common.safetensors_io import save_safetensors
-
-    save_safetensors(model.state_dict(), path, metadata={"format": "pop3d-student", "step": str(step),
-                                            "model_config": config_to_dict(cfg.model)})
 
 
 def train(cfg: RunConfig, *, resume: bool = False) -> Path:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from p3d_common.atomic import atomic_path
     from pop3d.checkpoint import load_student_weights
     from pop3d.evaluate import evaluate, select_text_prompts
-    from pop3d.training import build_student, grid_spec_of
+    from pop3d.factory import build_student, grid_spec_of
     from shards.loader import make_loader
 
     device = torch.device(args.device)

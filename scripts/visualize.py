@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pop3d.checkpoint import load_student_weights
     from pop3d.evaluate import predict_sample, select_text_prompts
+    from pop3d.factory import build_student, grid_spec_of
     from pop3d.metrics import voxel_prediction
-    from pop3d.training import build_student, grid_spec_of
     from pop3d.visualize import render_sample, teacher_pca_colors
     from shards.loader import read_sample
 

@@ -61,7 +61,7 @@ def tiny(shard_root):
 @pytest.fixture(scope="module")
 def run(bench, tiny, shard_root):
     """evaluate_retrieval on all 8 synthetic entries, recording what sample_aps received."""
-    import pop3d.retrieval as R
+    import pop3d.retrieval.run as R  # evaluate_retrieval looks sample_aps up in its own module
     from pop3d.factory import grid_spec_of
 
     cfg, model, teacher = tiny

@@ -3,7 +3,7 @@
 A run config has five sections, each a dataclass::
 
     model:   pop3d.model.config.StudentConfig   (the TPVFormer student)
-    teacher: teacher.live.TeacherConfig         (the frozen 2D teacher)
+    teacher: teacher.config.TeacherConfig       (the frozen 2D teacher)
     data:    DataConfig                         (shards, grid, image size for the student)
     train:   TrainConfig                        (optimiser, schedule, losses, precision)
     eval:    EvalConfig                         (zero-shot evaluation)
@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+if typing.TYPE_CHECKING:
+    from pop3d.model.config import StudentConfig
+    from teacher.config import TeacherConfig
 
 
 class ConfigError(ValueError):
@@ -109,17 +113,19 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    model: Any = None
-    teacher: Any = None
+    """The five sections of a run config (:func:`load_config`)."""
+
+    model: StudentConfig
+    teacher: TeacherConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _section_types() -> dict[str, type]:
-    # Imported here so that `pop3d.config` stays importable while reading a YAML without building models.
+    # Imported here: `pop3d.model` imports torch; `import pop3d.config` itself stays light.
     from pop3d.model.config import StudentConfig
-    from teacher.live import TeacherConfig
+    from teacher.config import TeacherConfig
 
     return {"model": StudentConfig, "teacher": TeacherConfig, "data": DataConfig, "train": TrainConfig,
             "eval": EvalConfig}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from teacher.config import DEFAULT_RESIZE_FIT, RESIZE_METHODS
+
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
-DEFAULT_RESIZE_FIT = (2048, 1024)
 
 
 def rescale_size(hw: tuple[int, int], resize_fit: tuple[int, int] = DEFAULT_RESIZE_FIT) -> tuple[int, int]:
@@ -97,9 +98,6 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN_RGB,
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x.float() - m) / s
-
-
-RESIZE_METHODS = ("cv2", "float")
 
 
 def preprocess(images: torch.Tensor, resize_fit: tuple[int, int] = DEFAULT_RESIZE_FIT,

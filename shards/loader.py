@@ -11,9 +11,8 @@ Pipeline (a ``webdataset.DataPipeline``, one copy per DataLoader worker)::
 
 Decoding: JPEG -> uint8 RGB (3, H, W) with OpenCV (``cv2.imdecode`` + BGR->RGB), the library
 ``mmcv.imread`` used in the original, so the pixels are the original's with the channels flipped. PIL and
-``torchvision.io.decode_jpeg`` (deprecated since torchvision 0.29) are libjpeg-turbo too and gave
-bit-identical pixels on the test images, but were slower here (6 x 1600x900: cv2 31 ms, torchvision 38 ms,
-PIL 74 ms incl. the channel-first copy). OpenCV comes with nuscenes-devkit (``opencv-python``).
+``torchvision.io.decode_jpeg`` are libjpeg-turbo too and gave bit-identical pixels on the test images, but
+were slower (benchmarks/bench_loading.py). OpenCV comes with nuscenes-devkit (``opencv-python``).
 
 Errors are never skipped: a truncated or corrupt shard raises :class:`ShardReadError` whose message
 starts with the shard's path (also through DataLoader workers, whose re-raised message carries it).

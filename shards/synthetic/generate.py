@@ -320,6 +320,21 @@ def make_synthetic_nuscenes(
         the dataroot ``Path``, to pass as ``NuScenes(version=..., dataroot=...)``.
     """
     root = Path(out_dir)
+    _check_scenes(samples_per_scene, mini_scenes, test_scenes, test_samples_per_scene)
+    _prepare_root(root, overwrite)
+    static = _static_tables(seed)
+    common = {"seed": seed, "static": static, "hw": img_hw, "n_azimuth": n_azimuth, "jpeg_quality": jpeg_quality}
+    _generate_version(root, "v1.0-mini", mini_scenes, samples_per_scene, with_lidarseg=True, scene_offset=0,
+                      **common)
+    if test_scenes:
+        _generate_version(root, "v1.0-test", test_scenes, test_samples_per_scene, with_lidarseg=False,
+                          scene_offset=len(mini_scenes), **common)
+    return root
+
+
+def _check_scenes(samples_per_scene: int, mini_scenes: Sequence[str], test_scenes: Sequence[str],
+                  test_samples_per_scene: int) -> None:
+    """ValueError for a keyframe count below 1, no mini scene, or a scene name given twice."""
     if samples_per_scene < 1 or (test_scenes and test_samples_per_scene < 1):
         raise ValueError("make_synthetic_nuscenes: samples_per_scene and test_samples_per_scene must be >= 1")
     if not mini_scenes:
@@ -328,6 +343,10 @@ def make_synthetic_nuscenes(
         raise ValueError(
             f"make_synthetic_nuscenes: scene names must be unique, got {mini_scenes} + {test_scenes}"
         )
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    """Refuse (FileExistsError) or, with ``overwrite``, remove a previous synthetic dataset; make the folders."""
     generated = ("samples", "maps", "lidarseg", "v1.0-mini", "v1.0-test")
     existing = [p for p in generated if (root / p).exists()]
     if existing:
@@ -339,32 +358,3 @@ def make_synthetic_nuscenes(
             shutil.rmtree(root / p)
     for sub in ("maps", "lidarseg/v1.0-mini", "samples/LIDAR_TOP", *(f"samples/{c}" for c in CAMERAS)):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    static = _static_tables(seed)
-    _generate_version(
-        root,
-        "v1.0-mini",
-        mini_scenes,
-        samples_per_scene,
-        seed,
-        static,
-        True,
-        img_hw,
-        n_azimuth,
-        jpeg_quality,
-        scene_offset=0,
-    )
-    if test_scenes:
-        _generate_version(
-            root,
-            "v1.0-test",
-            test_scenes,
-            test_samples_per_scene,
-            seed,
-            static,
-            False,
-            img_hw,
-            n_azimuth,
-            jpeg_quality,
-            scene_offset=len(mini_scenes),
-        )
-    return root

@@ -162,14 +162,31 @@ def _render(world: _World, cam_local: np.ndarray, K: np.ndarray, rays_cam: np.nd
     d = np.empty((3, H, W), np.float32)  # scene-local directions, component-first
     for i in range(3):
         d[i] = float(R[i, 0]) * rx + float(R[i, 1]) * ry + float(R[i, 2])
-    dz = d[2]
     img = np.empty((3, H, W), np.float32)
-    # sky: a vertical gradient
-    up = np.clip(dz * (3.0 / np.sqrt(d[0] * d[0] + d[1] * d[1] + 1e-6)), 0.0, 1.0)
+    depth = np.full((H, W), np.inf, np.float32)
+    _draw_sky(img, d)
+    _draw_ground(img, depth, world, o, d)
+    local_to_cam = np.linalg.inv(cam_local)
+    for box in world.boxes:  # z-buffered against the ground and each other
+        rect = _box_rect(box, local_to_cam, K, (H, W))
+        if rect is not None:
+            _draw_box(img, depth, world, box, o, d, rect)
+    out = np.empty((H, W, 3), np.uint8)
+    for ch in range(3):
+        out[..., ch] = np.clip(img[ch] + 0.5, 0, 255)
+    return out
+
+
+def _draw_sky(img: np.ndarray, d: np.ndarray) -> None:
+    """A vertical gradient from the horizon colour to the top colour into ``img`` (3, H, W)."""
+    up = np.clip(d[2] * (3.0 / np.sqrt(d[0] * d[0] + d[1] * d[1] + 1e-6)), 0.0, 1.0)
     for ch in range(3):
         img[ch] = _SKY_HORIZON[ch] + float(_SKY_TOP[ch] - _SKY_HORIZON[ch]) * up
-    depth = np.full((H, W), np.inf, np.float32)
-    # ground plane z = 0
+
+
+def _draw_ground(img: np.ndarray, depth: np.ndarray, world: _World, o: np.ndarray, d: np.ndarray) -> None:
+    """The ground plane z = 0 (class colour x texture, distance haze) where rays go down, within 400 m."""
+    dz = d[2]
     with np.errstate(divide="ignore", invalid="ignore"):
         tg = np.float32(-o[2]) / dz
     gmask = (dz < -1e-6) & (tg < 400.0)
@@ -183,48 +200,44 @@ def _render(world: _World, cam_local: np.ndarray, K: np.ndarray, rays_cam: np.nd
         col = _BASE_COLORS[cls, ch] * shade
         img[ch][gmask] = col + haze * (_SKY_HORIZON[ch] - col)
     depth[gmask] = t
-    # boxes, z-buffered against the ground and each other
-    local_to_cam = np.linalg.inv(cam_local)
-    for box in world.boxes:
-        rect = _box_rect(box, local_to_cam, K, (H, W))
-        if rect is None:
-            continue
-        r0, r1, c0, c1 = rect
-        dsub = d[:, r0:r1, c0:c1]
-        tb = _ray_box(o, dsub, box)
-        dsub_depth = depth[r0:r1, c0:c1]  # a view
-        closer = tb < dsub_depth
-        if not closer.any():
-            continue
-        tb = tb[closer]
-        dsel = [dsub[i][closer] for i in range(3)]
-        # hit position in the box frame
-        c, s = float(np.cos(box.yaw)), float(np.sin(box.yaw))
-        half = box.size / 2.0
-        hx, hy, hz = (float(o[i] - box.center[i]) + tb * dsel[i] for i in range(3))
-        bx, by, bz = c * hx + s * hy, -s * hx + c * hy, hz
-        ax, ay, az = np.abs(bx) / half[0], np.abs(by) / half[1], np.abs(bz) / half[2]
-        axis = np.where((ax >= ay) & (ax >= az), 0, np.where(ay >= az, 1, 2))
-        coord = np.where(axis == 0, bx, np.where(axis == 1, by, bz))
-        sun_box = _rz(box.yaw).T @ world.sun  # sun direction in the box frame
-        lam = sun_box.astype(np.float32)[axis] * np.where(coord >= 0, 1.0, -1.0).astype(np.float32)
-        shade = 0.55 + 0.45 * np.clip(lam, 0.0, 1.0)
-        side = axis != 2
-        if box.kind == "building":
-            along = np.where(axis == 0, by, bx)
-            win = side & (np.mod(along, 3.0) > 1.2) & (np.mod(bz + half[2], 3.2) > 1.4)
-            shade = np.where(win, shade * 0.55, shade)
-        elif box.kind == "vehicle":  # windows: a darker band on the upper part of the sides
-            zrel = (bz + half[2]) / box.size[2]
-            shade = np.where(side & (zrel > 0.6) & (zrel < 0.9), shade * 0.5, shade)
-        shade = shade * (0.94 + 0.12 * _grain(r0, r1, c0, c1)[closer])
-        for ch in range(3):
-            img[ch, r0:r1, c0:c1][closer] = float(_BASE_COLORS[box.cls, ch]) * shade
-        dsub_depth[closer] = tb
-    out = np.empty((H, W, 3), np.uint8)
+
+
+def _draw_box(img: np.ndarray, depth: np.ndarray, world: _World, box: _Box, o: np.ndarray, d: np.ndarray,
+              rect: tuple[int, ...]) -> None:
+    """One box inside its pixel rectangle where it is nearer than ``depth``: sun shading per face, windows
+    on buildings and vehicles, grain."""
+    r0, r1, c0, c1 = rect
+    dsub = d[:, r0:r1, c0:c1]
+    tb = _ray_box(o, dsub, box)
+    dsub_depth = depth[r0:r1, c0:c1]  # a view
+    closer = tb < dsub_depth
+    if not closer.any():
+        return
+    tb = tb[closer]
+    dsel = [dsub[i][closer] for i in range(3)]
+    # hit position in the box frame
+    c, s = float(np.cos(box.yaw)), float(np.sin(box.yaw))
+    half = box.size / 2.0
+    hx, hy, hz = (float(o[i] - box.center[i]) + tb * dsel[i] for i in range(3))
+    bx, by, bz = c * hx + s * hy, -s * hx + c * hy, hz
+    ax, ay, az = np.abs(bx) / half[0], np.abs(by) / half[1], np.abs(bz) / half[2]
+    axis = np.where((ax >= ay) & (ax >= az), 0, np.where(ay >= az, 1, 2))
+    coord = np.where(axis == 0, bx, np.where(axis == 1, by, bz))
+    sun_box = _rz(box.yaw).T @ world.sun  # sun direction in the box frame
+    lam = sun_box.astype(np.float32)[axis] * np.where(coord >= 0, 1.0, -1.0).astype(np.float32)
+    shade = 0.55 + 0.45 * np.clip(lam, 0.0, 1.0)
+    side = axis != 2
+    if box.kind == "building":
+        along = np.where(axis == 0, by, bx)
+        win = side & (np.mod(along, 3.0) > 1.2) & (np.mod(bz + half[2], 3.2) > 1.4)
+        shade = np.where(win, shade * 0.55, shade)
+    elif box.kind == "vehicle":  # windows: a darker band on the upper part of the sides
+        zrel = (bz + half[2]) / box.size[2]
+        shade = np.where(side & (zrel > 0.6) & (zrel < 0.9), shade * 0.5, shade)
+    shade = shade * (0.94 + 0.12 * _grain(r0, r1, c0, c1)[closer])
     for ch in range(3):
-        out[..., ch] = np.clip(img[ch] + 0.5, 0, 255)
-    return out
+        img[ch, r0:r1, c0:c1][closer] = float(_BASE_COLORS[box.cls, ch]) * shade
+    dsub_depth[closer] = tb
 
 
 def _jpeg(img: np.ndarray, quality: int) -> bytes:

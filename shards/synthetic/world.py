@@ -66,19 +66,22 @@ def _free(boxes: list[_Box], x: float, y: float, r: float) -> bool:
     return True
 
 
-def _make_world(rng: np.random.Generator, travel: float) -> _World:
-    """Random street around the ego path x in [0, travel] on y = -1.75 (scene-local frame)."""
-    world = _World(
-        origin=np.array([rng.uniform(300, 1800), rng.uniform(600, 1600), 0.0]),
-        heading=rng.uniform(-np.pi, np.pi),
-    )
-    boxes = world.boxes
-    x_lo, x_hi = -60.0, travel + 80.0
+@dataclass
+class _Street:
+    """Placing boxes at random on the street of one world: x in [x_lo, x_hi], the ego's lane kept free."""
 
-    def ok_path(x: float, y: float, r: float) -> bool:  # keep the ego's lane free around its path
-        return not (-3.8 - r < y < 0.3 + r and -10.0 - r < x < travel + 14.0 + r)
+    rng: np.random.Generator
+    world: _World
+    x_lo: float
+    x_hi: float
+    travel: float
+
+    def ok_path(self, x: float, y: float, r: float) -> bool:
+        """Outside the ego's lane around its path x in [0, travel] (with margins)."""
+        return not (-3.8 - r < y < 0.3 + r and -10.0 - r < x < self.travel + 14.0 + r)
 
     def place(
+        self,
         cls: int,
         size: tuple[float, float, float],
         y_range: tuple[float, float],
@@ -91,12 +94,14 @@ def _make_world(rng: np.random.Generator, travel: float) -> _World:
         both_sides: bool = True,
         yaw_base: float = 0.0,
     ) -> None:
+        """Up to ``n`` boxes of class ``cls`` at |y| in ``y_range`` (30 tries each for a free spot)."""
+        rng, boxes = self.rng, self.world.boxes
         for _ in range(n):
             for _attempt in range(30):
-                x = rng.uniform(x_lo, x_hi)
+                x = rng.uniform(self.x_lo, self.x_hi)
                 y = rng.uniform(*y_range) * (rng.choice([-1.0, 1.0]) if both_sides else 1.0)
                 r = 0.5 * float(np.hypot(size[0], size[1]))
-                if ok_path(x, y, r) and _free(boxes, x, y, r):
+                if self.ok_path(x, y, r) and _free(boxes, x, y, r):
                     yaw = yaw_base + rng.normal(0.0, yaw_jitter) + (np.pi if rng.random() < 0.5 else 0.0)
                     boxes.append(
                         _Box(
@@ -110,16 +115,19 @@ def _make_world(rng: np.random.Generator, travel: float) -> _World:
                     )
                     break
 
-    # buildings first (large), on both sides behind the sidewalk and a strip of terrain
+
+def _add_buildings(street: _Street) -> None:
+    """Buildings on both sides behind the sidewalk and a strip of terrain, with driveways between some."""
+    rng, world = street.rng, street.world
     for side in (-1.0, 1.0):
-        x = x_lo + rng.uniform(0, 8)
-        while x < x_hi:
+        x = street.x_lo + rng.uniform(0, 8)
+        while x < street.x_hi:
             length = rng.uniform(10, 24)
             depth = rng.uniform(8, 16)
             height = rng.uniform(6, 22)
             y_in = rng.uniform(14.5, 19.0)
             if rng.random() < 0.8:
-                boxes.append(
+                world.boxes.append(
                     _Box(
                         MANMADE,
                         np.array([x + length / 2, side * (y_in + depth / 2), height / 2]),
@@ -134,10 +142,14 @@ def _make_world(rng: np.random.Generator, travel: float) -> _World:
                     (x + 2, x + 2 + rng.uniform(4, 8), *sorted((side * ROAD_HALF, side * 14.0)))
                 )
             x += length + rng.uniform(2, 8)
-    # trees (trunk + canopy, both vegetation) and poles on the terrain strip
+
+
+def _add_trees(street: _Street) -> None:
+    """Trees (a trunk and a canopy, both vegetation) on the terrain strip."""
+    rng, boxes = street.rng, street.world.boxes
     for _ in range(10):
         for _attempt in range(30):
-            x, y = rng.uniform(x_lo, x_hi), rng.choice([-1.0, 1.0]) * rng.uniform(11.0, 13.0)
+            x, y = rng.uniform(street.x_lo, street.x_hi), rng.choice([-1.0, 1.0]) * rng.uniform(11.0, 13.0)
             if _free(boxes, x, y, 1.6):
                 h = rng.uniform(2.0, 3.0)
                 c = rng.uniform(2.5, 4.0)
@@ -151,8 +163,12 @@ def _make_world(rng: np.random.Generator, travel: float) -> _World:
                     )
                 )
                 break
+
+
+def _add_objects(street: _Street) -> None:
+    """Poles, parked and moving-lane vehicles, people and small objects on the sidewalk and kerb."""
+    place = street.place
     place(MANMADE, (0.3, 0.3, 6.0), (10.2, 10.6), 6, yaw_jitter=0.0, annotate=False)
-    # vehicles: parked at the kerb and in the other lanes
     place(CAR, (4.6, 1.9, 1.6), (5.0, 5.6), 8, yaw_jitter=0.05, kind="vehicle")
     place(CAR, (4.5, 1.85, 1.55), (1.4, 2.1), 3, yaw_jitter=0.02, kind="vehicle", both_sides=False)
     place(TRUCK, (7.5, 2.4, 3.0), (4.8, 5.4), 1, yaw_jitter=0.03, kind="vehicle")
@@ -160,11 +176,22 @@ def _make_world(rng: np.random.Generator, travel: float) -> _World:
     place(TRAILER, (6.0, 2.4, 2.6), (11.5, 13.0), 1, yaw_jitter=0.05, kind="vehicle")
     place(CONSTR, (5.5, 2.6, 3.2), (11.5, 13.0), 1, yaw_jitter=0.2, kind="vehicle")
     place(MOTO, (2.0, 0.8, 1.3), (6.2, 6.6), 2, yaw_jitter=0.1)
-    # people and small things on the sidewalk / kerb
     place(PED, (0.6, 0.6, 1.75), (7.4, 9.6), 8, yaw_jitter=1.5)
     place(BICYCLE, (1.8, 0.6, 1.1), (7.3, 7.8), 3, yaw_jitter=0.1)
     place(CONE, (0.4, 0.4, 0.7), (6.0, 6.7), 6, yaw_jitter=0.5)
     place(BARRIER, (2.0, 0.5, 1.0), (6.3, 6.8), 4, yaw_jitter=0.05)
+
+
+def _make_world(rng: np.random.Generator, travel: float) -> _World:
+    """Random street around the ego path x in [0, travel] on y = -1.75 (scene-local frame)."""
+    world = _World(
+        origin=np.array([rng.uniform(300, 1800), rng.uniform(600, 1600), 0.0]),
+        heading=rng.uniform(-np.pi, np.pi),
+    )
+    street = _Street(rng, world, -60.0, travel + 80.0, travel)
+    _add_buildings(street)  # first: they are large
+    _add_trees(street)
+    _add_objects(street)
     return world
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,52 +100,19 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
     from pop3d.factory import batch_to_device
 
     dim = next(iter(queries.values())).shape[0] if queries else None
-    by_token: dict[str, list[int]] = {}
-    for i, e in enumerate(entries):
-        if e.query not in queries:
-            raise BenchmarkError(f"{e.source}: query {e.query!r} has no embedding")
-        by_token.setdefault(e.token, []).append(i)
+    by_token = _entries_by_token(entries, queries)
     model.eval()
     results: dict[int, SampleResult] = {}
     mismatched: dict[int, Skipped] = {}
     bar = tqdm(total=len(entries), desc="retrieval", disable=not progress, dynamic_ncols=True)
     for shard_split, batch in iterate_benchmark_samples(shards, set(by_token), grid, num_workers):
-        token = batch["tokens"][0]
-        n_points = int(batch["points"][0].shape[0])
-        todo = []
-        for i in by_token[token]:
-            e = entries[i]
-            if e.split != shard_split:
-                log.warning("%s: sample %s is listed as %s but stored in the %s shards (the CSV split is used)",
-                            e.source, token, e.split, shard_split)
-            if e.relevant.shape[0] != n_points:
-                mismatched[i] = Skipped(token, e.split, e.query, f"{e.relevant.shape[0]} relevance values for "
-                                        f"{n_points} LiDAR points", str(e.ann_file))
-                log.warning("SKIPPED %s: %s", e.ann_file, mismatched[i].reason)
-                bar.update(1)
-            else:
-                todo.append(i)
+        todo = _usable_entries(entries, by_token[batch["tokens"][0]], batch, shard_split, mismatched, bar)
         if not todo:
             continue
         batch = batch_to_device(batch, device)
-        feats = student_point_features(model, batch, student_image_hw)
-        if dim is not None and feats.shape[1] != dim:
-            raise ValueError(f"the student predicts {feats.shape[1]}-d features, the queries are {dim}-d")
-        t_feats = None
-        if teacher is not None:
-            t_feats = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"])
-            if dim is not None and t_feats.shape[1] != dim:
-                raise ValueError(f"the teacher gives {t_feats.shape[1]}-d features, the queries are {dim}-d")
-        proj_point = batch["proj_point"].cpu()
+        feats, t_feats = _point_features(model, teacher, batch, student_image_hw, dim)
         for i in todo:
-            e = entries[i]
-            q = queries[e.query]
-            rel = torch.from_numpy(e.relevant)
-            ap_all, ap_vis, ap_mc = sample_aps(
-                query_scores(feats, q).cpu(), rel, proj_point,
-                None if t_feats is None else query_scores(t_feats, q).cpu())
-            results[i] = SampleResult(e.split, token, e.query, ap_all, ap_vis, ap_mc, n_points, int(rel.sum()),
-                                      int(proj_point.numel()), int(rel[proj_point].sum()))
+            results[i] = _score_entry(entries[i], batch, queries, feats, t_feats)
             bar.update(1)
     bar.close()
     missing = [Skipped(entries[i].token, entries[i].split, entries[i].query, "sample not found in any shard")
@@ -156,3 +124,63 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
                              f"missing samples)")
     return RetrievalReport([results[i] for i in sorted(results)], [mismatched[i] for i in sorted(mismatched)],
                            missing, len(entries), teacher is not None)
+
+
+def _entries_by_token(entries: list[BenchmarkEntry], queries: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Entry indices per sample token; an entry whose query has no embedding is an error."""
+    by_token: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        if e.query not in queries:
+            raise BenchmarkError(f"{e.source}: query {e.query!r} has no embedding")
+        by_token.setdefault(e.token, []).append(i)
+    return by_token
+
+
+def _usable_entries(entries: list[BenchmarkEntry], indices: list[int], batch: dict[str, Any], shard_split: str,
+                    mismatched: dict[int, Skipped], bar) -> list[int]:
+    """The entries of this sample whose annotation length equals its point count; the others are recorded in
+    ``mismatched`` (and counted on ``bar``). A CSV split that differs from the shard's is warned about."""
+    token = batch["tokens"][0]
+    n_points = int(batch["points"][0].shape[0])
+    todo = []
+    for i in indices:
+        e = entries[i]
+        if e.split != shard_split:
+            log.warning("%s: sample %s is listed as %s but stored in the %s shards (the CSV split is used)",
+                        e.source, token, e.split, shard_split)
+        if e.relevant.shape[0] != n_points:
+            mismatched[i] = Skipped(token, e.split, e.query, f"{e.relevant.shape[0]} relevance values for "
+                                    f"{n_points} LiDAR points", str(e.ann_file))
+            log.warning("SKIPPED %s: %s", e.ann_file, mismatched[i].reason)
+            bar.update(1)
+        else:
+            todo.append(i)
+    return todo
+
+
+def _point_features(model, teacher, batch: dict[str, Any], student_image_hw, dim: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student features at every LiDAR point (N, C) and teacher features at every projection (M, C) or None;
+    a feature size other than the queries' ``dim`` is an error."""
+    feats = student_point_features(model, batch, student_image_hw)
+    if dim is not None and feats.shape[1] != dim:
+        raise ValueError(f"the student predicts {feats.shape[1]}-d features, the queries are {dim}-d")
+    t_feats = None
+    if teacher is not None:
+        t_feats = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"])
+        if dim is not None and t_feats.shape[1] != dim:
+            raise ValueError(f"the teacher gives {t_feats.shape[1]}-d features, the queries are {dim}-d")
+    return feats, t_feats
+
+
+def _score_entry(e: BenchmarkEntry, batch: dict[str, Any], queries: dict[str, torch.Tensor],
+                 feats: torch.Tensor, t_feats: torch.Tensor | None) -> SampleResult:
+    """The APs of one entry from the sample's point (and projection) features."""
+    proj_point = batch["proj_point"].cpu()
+    q = queries[e.query]
+    rel = torch.from_numpy(e.relevant)
+    ap_all, ap_vis, ap_mc = sample_aps(
+        query_scores(feats, q).cpu(), rel, proj_point,
+        None if t_feats is None else query_scores(t_feats, q).cpu())
+    return SampleResult(e.split, e.token, e.query, ap_all, ap_vis, ap_mc, int(batch["points"][0].shape[0]),
+                        int(rel.sum()), int(proj_point.numel()), int(rel[proj_point].sum()))

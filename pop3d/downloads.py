@@ -119,22 +119,31 @@ def _open_at(url: str, part: Path, state: dict, timeout: float):
     try:
         resp = _urlopen(_request(url, offset, state.get("validator")), timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset and state.get("total") == offset:
-            return None, offset, offset
-        if exc.code == 416:
+        if exc.code == 416 and offset:
+            m = re.fullmatch(r"bytes \*/(\d+)", (exc.headers.get("Content-Range") or "").strip())
+            server_total = int(m.group(1)) if m else state.get("total")
+            if server_total == offset:  # the .part is already the whole file
+                return None, offset, offset
+        if exc.code == 416:  # the .part does not fit the file on the server: start again at once
             part.unlink(missing_ok=True)
-            raise _Retryable(f"the server refused to resume ({exc.code}); starting again") from exc
+            return _open_at(url, part, {}, timeout)
         if exc.code >= 500 or exc.code == 429:
             raise _Retryable(f"HTTP {exc.code} {exc.reason}") from exc
         cls = NotFound if exc.code in (404, 410) else DownloadError
         raise cls(f"{url}: HTTP {exc.code} {exc.reason}; check the URL (--base-url / --url) or get "
-                            f"the file by hand and pass it with --from") from exc
+                  f"the file by hand and pass it with --from") from exc
+    except urllib.error.URLError as exc:
+        raise _Retryable(f"cannot reach the server ({exc.reason})") from exc
+    except (OSError, http.client.HTTPException) as exc:  # reset, timeout, bad status line
+        raise _Retryable(f"cannot reach the server ({type(exc).__name__}: {exc})") from exc
     if resp.status == 206:
         m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
         if not m or int(m.group(1)) != offset:
             resp.close()
-            part.unlink(missing_ok=True)
-            raise _Retryable("the server answered another byte range than asked; starting again")
+            if not offset:
+                raise _Retryable("the server answered a byte range that was not asked for")
+            part.unlink(missing_ok=True)  # another range than asked: start again at once
+            return _open_at(url, part, {}, timeout)
         total = None if m.group(3) == "*" else int(m.group(3))
     else:
         offset = 0
@@ -156,11 +165,16 @@ def _stream(resp, part: Path, offset: int, total: int | None, desc: str, progres
         f.seek(offset)
         f.truncate()
         try:
-            while block := resp.read(CHUNK):
+            while True:
+                try:
+                    block = resp.read(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:  # reading broke; a failed write is raised
+                    raise _Retryable(f"the connection broke after {f.tell()} bytes ({type(exc).__name__})") \
+                        from exc
+                if not block:
+                    break
                 f.write(block)
                 bar.update(len(block))
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:
-            raise _Retryable(f"the connection broke after {f.tell()} bytes ({type(exc).__name__})") from exc
         finally:
             f.flush()
             os.fsync(f.fileno())
@@ -173,12 +187,7 @@ def _stream(resp, part: Path, offset: int, total: int | None, desc: str, progres
 def _attempt(url: str, part: Path, desc: str, timeout: float, progress: bool) -> int:
     """One attempt to complete ``part``; returns the offset it resumed from."""
     state = _read_state(part, url)
-    try:
-        resp, offset, total = _open_at(url, part, state, timeout)
-    except urllib.error.URLError as exc:
-        raise _Retryable(f"cannot reach the server ({exc.reason})") from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise _Retryable(f"cannot reach the server ({type(exc).__name__}: {exc})") from exc
+    resp, offset, total = _open_at(url, part, state, timeout)
     if resp is not None:
         _stream(resp, part, offset, total, desc, progress)
     return offset

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(exc))
         except OSError as exc:
             return _fail(f"{exc.filename or args.out}: {exc.strerror or exc}; check the folder and free space")
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {name} not finished; run the same command again to resume", file=sys.stderr)
+            return 130
         print(outcome.line(), flush=True)
         if outcome.status == "converted":
             record(args.out, outcome)

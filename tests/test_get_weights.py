@@ -306,6 +306,17 @@ def test_size_and_sha256_are_checked_where_known(tmp_path, server):
     (tmp_path / "b.bin.part.json").write_text(json.dumps({"url": url, "total": len(blob), "validator": '"v1"'}))
     got = download(url, tmp_path / "b.bin", progress=False)
     assert got.resumed_from == len(blob) and (tmp_path / "b.bin").read_bytes() == blob
+    # a .part longer than the file now on the server (416, other total): started again within the attempt
+    (tmp_path / "c.bin.part").write_bytes(os.urandom(60_000))
+    (tmp_path / "c.bin.part.json").write_text(json.dumps({"url": url, "total": 60_000}))
+    got = download(url, tmp_path / "c.bin", retries=0, progress=False)
+    assert got.attempts == 1 and got.resumed_from == 0 and (tmp_path / "c.bin").read_bytes() == blob
+    # a .part of another URL is not continued
+    (tmp_path / "d.bin.part").write_bytes(blob[:1000])
+    (tmp_path / "d.bin.part.json").write_text(json.dumps({"url": url + "?other", "total": len(blob)}))
+    server.requests[:] = []
+    got = download(url, tmp_path / "d.bin", progress=False)
+    assert server.requests == [("/f.bin", None)] and (tmp_path / "d.bin").read_bytes() == blob
 
 
 def test_a_file_that_does_not_fit_the_layout_is_refused(tmp_path, server, released, config_yaml, capsys):

@@ -209,7 +209,7 @@ def sources_for(entry: Released, base_url: str | None, url: str | None) -> tuple
         return (Source(url, os.path.basename(url.split("?")[0]) or entry.filename),)
     if base_url:
         base = base_url.rstrip("/")
-        names = [s for s in entry.sources] or [Source("", entry.filename)]
+        names = list(entry.sources) or [Source("", entry.filename)]
         return tuple(Source(f"{base}/{s.filename}", s.filename, s.size, s.sha256) for s in names)
     return entry.sources
 

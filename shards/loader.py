@@ -50,6 +50,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from shards.errors import ShardReadError
 from shards.geometry import (
     RAW_TO_NOIGNORE,
     GridSpec,
@@ -61,7 +62,6 @@ from shards.geometry import (
     raycast_eval_gt,
     voxel_majority_label,
 )
-from shards.errors import ShardReadError
 from shards.remote import is_remote, iter_tar_members
 from shards.schema import CAMERA_FIELDS, check_fields, decode_arrays
 from shards.verify import check_key, shard_index, verify_sample

@@ -143,7 +143,7 @@ def check_fields(fields: dict[str, Any], where: str) -> None:
 def _decode_member(fields: dict[str, Any], field: str, decode: Any) -> Any:
     try:
         return decode(fields[field])
-    except Exception as exn:  # noqa: BLE001 - any decoder failure becomes one named error
+    except Exception as exn:
         where = fields.get("__url__", "?")
         raise SampleDecodeError(f"{where}: sample {fields.get('__key__', '?')}: member {field}: cannot be "
                                 f"decoded ({type(exn).__name__}: {exn})") from exn

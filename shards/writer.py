@@ -34,8 +34,6 @@ the manifest lists every skipped sample with its problem (``splits.<split>.skipp
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import glob
 import hashlib
 import io
@@ -43,12 +41,22 @@ import json
 import multiprocessing
 import os
 import re
-import secrets
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shards.outdir import (
+    FORMAT_NAME,
+    atomic_write_json,
+    build_id_of,
+    build_lock,
+    clean_temp_files,
+    owned_names,
+    refuse_foreign,
+    sidecar_path,
+    temp_name,
+)
 from shards.reader import (
     DataError,
     SampleRecord,
@@ -69,10 +77,7 @@ from shards.schema import (
     shard_name,
 )
 
-FORMAT_NAME = "pop3d-nuscenes-wds"
 TAR_USER = "pop3d"
-BUILD_FILE = "build.json"
-LOCK_FILE = "lock"
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<idx>\d{6})\.tar$")
 
 
@@ -157,25 +162,6 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> list[list[str]]:
     return index
 
 
-def _temp_name(path: str, build_id: str) -> str:
-    """This build's temp file for ``path`` (only files of this pattern are ever deleted as leftovers)."""
-    return f"{path}.tmp-{build_id}-{os.getpid()}"
-
-
-def _atomic_write_json(path: str, obj: dict[str, Any], build_id: str) -> None:
-    tmp = _temp_name(path, build_id)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sidecar_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, PROGRESS_DIR, name + ".json")
-
-
 def source_fingerprint(records: list[SampleRecord], dataroot: str, mode: str = "stat") -> str:
     """Digest of the source files of ``records``: (name, size, mtime_ns) each, or their sha256 (``content``)."""
     h = hashlib.sha256(mode.encode())
@@ -205,7 +191,7 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
         DataError: a source file is bad; the temp file is removed, finished shards are untouched.
     """
     final = os.path.join(out_dir, task.name)
-    tmp = _temp_name(final, task.build_id)
+    tmp = temp_name(final, task.build_id)
     fingerprint = source_fingerprint(task.records, dataroot, source_check)
     skipped: list[dict[str, str]] = []
 
@@ -222,8 +208,8 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
         index = write_tar(tmp, samples())
         entry = {"name": task.name, "num_samples": len(index), "bytes": os.path.getsize(tmp),
                  "sha256": sha256_file(tmp), "samples": index, "skipped": skipped}
-        _atomic_write_json(  # the record first: from here on the final name is this builder's
-            _sidecar_path(out_dir, task.name),
+        atomic_write_json(  # the record first: from here on the final name is this builder's
+            sidecar_path(out_dir, task.name),
             {**entry, "split": task.split, "schema_version": SCHEMA_VERSION, "plan_digest": task.plan_digest,
              "source_check": source_check, "source_fingerprint": fingerprint}, task.build_id)
     except BaseException:
@@ -244,7 +230,7 @@ _ENTRY_KEYS = ("name", "num_samples", "bytes", "sha256", "samples", "skipped")
 def _finished_entry(task: ShardTask, out_dir: str, dataroot: str, verify: str, source_check: str
                     ) -> dict[str, Any] | None:
     """Manifest entry of an already finished shard whose sidecar, sources and file match, else None."""
-    side = _sidecar_path(out_dir, task.name)
+    side = sidecar_path(out_dir, task.name)
     path = os.path.join(out_dir, task.name)
     if not (os.path.exists(side) and os.path.exists(path)):
         return None
@@ -297,75 +283,12 @@ def check_output_dir(out_dir: str) -> None:
                             "use another --out or delete the old shards")
     for tar in sorted(glob.glob(os.path.join(out_dir, "*.tar"))):
         if _SHARD_RE.match(os.path.basename(tar)) and not os.path.exists(
-            _sidecar_path(out_dir, os.path.basename(tar))
+            sidecar_path(out_dir, os.path.basename(tar))
         ):
             meta = _first_meta(tar)
             if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
                 raise DataError(f"{tar}: shard of schema version {meta.get('schema_version')!r} "
                                 f"(writer: {SCHEMA_VERSION}); use another --out or delete the old shards")
-
-
-def _clean_temp_files(out_dir: str, build_id: str) -> list[str]:
-    """Delete this build id's leftover temp files (never another program's ``*.tmp-*``)."""
-    pattern = f"*.tmp-{build_id}-*"
-    stale = glob.glob(os.path.join(out_dir, pattern)) + glob.glob(os.path.join(out_dir, PROGRESS_DIR, pattern))
-    for p in stale:
-        os.remove(p)
-    return stale
-
-
-def _build_id(out_dir: str) -> str:
-    """The build id of ``out_dir`` (``.progress/build.json``), created on the first build."""
-    path = os.path.join(out_dir, PROGRESS_DIR, BUILD_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            try:
-                rec = json.load(f)
-                return str(rec["build_id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}: not a build record of this writer; use another --out") from None
-    build_id = secrets.token_hex(8)
-    _atomic_write_json(path, {"build_id": build_id, "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION},
-                       build_id)
-    return build_id
-
-
-@contextlib.contextmanager
-def _build_lock(out_dir: str) -> Iterator[None]:
-    """Hold ``.progress/lock`` (flock) for the whole build; a second build on the same --out is refused."""
-    path = os.path.join(out_dir, PROGRESS_DIR, LOCK_FILE)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise DataError(f"{out_dir}: another build_shards is writing here (it holds {path}); wait for it "
-                            "or use another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _owned_names(out_dir: str) -> set[str]:
-    """Shard names this builder's records say it wrote: sidecars, and the shards of our manifest."""
-    names = {os.path.basename(p)[: -len(".json")]
-             for p in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))}
-    man = os.path.join(out_dir, MANIFEST_NAME)
-    if os.path.exists(man):  # check_output_dir has already checked its format and version
-        with open(man) as f:
-            m = json.load(f)
-        names |= {sh["name"] for e in m.get("splits", {}).values() for sh in e.get("shards", [])}
-    return names
-
-
-def _refuse_foreign(out_dir: str, names: Iterable[str], owned: set[str]) -> None:
-    """DataError naming the first file at a name the build must write that this builder did not write."""
-    for name in names:
-        path = os.path.join(out_dir, name)
-        if name not in owned and os.path.lexists(path):
-            raise DataError(f"{path}: exists but was not written by build_shards (no record in "
-                            f"{os.path.join(out_dir, PROGRESS_DIR)} or the manifest); move it away or use "
-                            "another --out")
 
 
 def _format_problems(problems: list[tuple[str, str]], limit: int = 10) -> str:
@@ -420,10 +343,10 @@ def build_shards(
         raise DataError("no split requested")
     split_version = {s: version_for_split(list(versions), s) for s in dict.fromkeys(splits)}
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-    with _build_lock(out_dir):
+    with build_lock(out_dir):
         check_output_dir(out_dir)
-        build_id = _build_id(out_dir)
-        _clean_temp_files(out_dir, build_id)
+        build_id = build_id_of(out_dir)
+        clean_temp_files(out_dir, build_id)
         return _build_locked(dataroot, split_version, out_dir, workers, samples_per_shard, skip_bad, verify,
                              progress, source_check, build_id)
 
@@ -460,8 +383,8 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
         t.build_id = build_id
 
     # 2. resume: keep finished shards; refuse foreign files at our names; remove our unplanned shards
-    owned = _owned_names(out_dir)
-    _refuse_foreign(out_dir, [t.name for t in tasks], owned)
+    owned = owned_names(out_dir)
+    refuse_foreign(out_dir, [t.name for t in tasks], owned)
     done: dict[str, dict[str, Any]] = {}
     todo: list[ShardTask] = []
     for t in tasks:
@@ -474,7 +397,7 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
     for name in sorted(owned - planned):
         m = _SHARD_RE.match(name)
         if m and m.group("split") in split_version:  # ours, of a split rebuilt now, no longer planned
-            for p in (os.path.join(out_dir, name), _sidecar_path(out_dir, name)):
+            for p in (os.path.join(out_dir, name), sidecar_path(out_dir, name)):
                 if os.path.exists(p):
                     os.remove(p)
 
@@ -498,7 +421,7 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
                 except BaseException:
                     pool.terminate()
                     pool.join()
-                    _clean_temp_files(out_dir, build_id)
+                    clean_temp_files(out_dir, build_id)
                     raise
     finally:
         bar.close()
@@ -546,7 +469,7 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
             "num_skipped": sum(e["num_skipped"] for e in split_entries.values()),
         },
     }
-    _atomic_write_json(man_path, manifest, build_id)
+    atomic_write_json(man_path, manifest, build_id)
     return manifest
 
 

@@ -12,7 +12,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import shards.writer as writer  # noqa: E402
+from shards import writer
 
 
 def main() -> int:

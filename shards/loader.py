@@ -521,11 +521,11 @@ def read_sample(source: str | list[str], split: str, grid: GridSpec = DEFAULT_GR
     if (index is None) == (token is None):
         raise ValueError("read_sample: give exactly one of index and token")
     paths, _ = list_shards(source, split)
-    index = shard_index(source, split)
+    manifest_keys = shard_index(source, split)
     seen = 0
     for path in paths:
         for pos, raw in enumerate(_iter_tar_samples(path)):
-            check_key(raw, pos, index.get(path))
+            check_key(raw, pos, manifest_keys.get(path))
             if raw["__key__"] == token or (token is None and seen == index):
                 return collate([process_sample(raw, grid, eval_gt)])
             seen += 1

@@ -64,8 +64,9 @@ FIELD_ORDER: tuple[str, ...] = (
     CHECKSUM_FIELD,
 )
 
-#: Fields every sample must have.
-REQUIRED_FIELDS: frozenset[str] = frozenset(f for f in FIELD_ORDER if f != LIDARSEG_FIELD)
+#: Fields every sample must have (``checksums.json`` too: :func:`shards.verify.verify_sample` checks it, with
+#: the hint to rebuild schema-1 shards).
+REQUIRED_FIELDS: frozenset[str] = frozenset(f for f in FIELD_ORDER if f not in (LIDARSEG_FIELD, CHECKSUM_FIELD))
 
 #: File name of the per-directory manifest and of the progress folder used for resuming.
 MANIFEST_NAME = "manifest.json"

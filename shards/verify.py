@@ -47,11 +47,7 @@ def load_manifest(source: str) -> tuple[dict[str, Any], str]:
         ShardReadError: naming the manifest when it is missing, not JSON, or of another schema version.
     """
     url = manifest_url(source)
-    data = read_bytes(url)
-    try:
-        m = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ShardReadError(f"{url}: not a valid manifest ({exn})") from None
+    m = _parse_manifest(url)
     if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
         got = m.get("schema_version") if isinstance(m, dict) else None
         raise ShardReadError(f"{url}: shards of schema version {got!r}, this code reads version {SCHEMA_VERSION} "
@@ -61,6 +57,31 @@ def load_manifest(source: str) -> tuple[dict[str, Any], str]:
     else:
         root = source if is_remote(source) else local_path(source)
     return m, root
+
+
+_CACHE: dict[tuple[str, int, int], Any] = {}
+
+
+def _parse_manifest(url: str) -> Any:
+    """Parsed manifest; a local one is parsed once per (path, size, mtime) (~0.8 s at 40k samples). Read-only."""
+    stamp = None
+    if not is_remote(url):
+        try:
+            st = os.stat(local_path(url))
+            stamp = (os.path.abspath(local_path(url)), st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+        if stamp in _CACHE:
+            return _CACHE[stamp]
+    data = read_bytes(url)
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ShardReadError(f"{url}: not a valid manifest ({exn})") from None
+    if stamp is not None:
+        _CACHE.clear()
+        _CACHE[stamp] = m
+    return m
 
 
 def _local_dir(path: str) -> str:

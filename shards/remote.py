@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import os
 import subprocess
 import tarfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,8 +31,12 @@ from typing import IO, Any
 
 from shards.errors import ShardReadError
 
+log = logging.getLogger(__name__)
+
 #: Seconds an http(s) connection may stay silent.
 HTTP_TIMEOUT_S = 60.0
+#: Waits before the 2nd, 3rd ... attempt to open an http(s) file after a connection error or HTTP 5xx.
+HTTP_RETRY_WAITS_S: tuple[float, ...] = (1.0, 4.0, 15.0)
 _BLOCK = 512
 
 
@@ -92,7 +98,7 @@ def open_stream(url: str) -> Iterator[IO[bytes]]:
         return
     try:
         if url.startswith(("http://", "https://")):
-            opened: Any = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+            opened: Any = _http_open(url)
         elif is_remote(url):
             opened = _fsspec_open(url)
         else:
@@ -107,6 +113,24 @@ def open_stream(url: str) -> Iterator[IO[bytes]]:
         raise ShardReadError(f"{url}: cannot open: {exn}") from None
     with opened as f:
         yield f
+
+
+def _http_open(url: str) -> Any:
+    """``urlopen`` with a few retries on connection errors and HTTP 5xx (each retry logged)."""
+    for attempt, wait in enumerate((*HTTP_RETRY_WAITS_S, None)):
+        try:
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as exn:
+            if exn.code < 500 or wait is None:
+                raise
+            problem = f"HTTP {exn.code}"
+        except (urllib.error.URLError, OSError) as exn:
+            if wait is None:
+                raise
+            problem = str(getattr(exn, "reason", exn))
+        log.warning("%s: %s; retry %d of %d in %.0f s", url, problem, attempt + 1, len(HTTP_RETRY_WAITS_S), wait)
+        time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _fsspec_open(url: str) -> Any:

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _damage import CASES, damage
 
 REPO = Path(__file__).resolve().parents[1]

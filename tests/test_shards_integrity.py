@@ -5,14 +5,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
-
 from _damage import CASES, damage, first_key, flip_byte
+
 from shards.errors import ShardReadError, one_line
 from shards.loader import make_loader, read_sample
 from shards.reader import DataError, open_nuscenes, plan_split
@@ -101,14 +103,10 @@ def test_old_schema_is_refused_with_rebuild_hint(shard_root: str, tmp_path: Path
     (out / "manifest.json").unlink()
     shard = out / "val-000000.tar"
     key = first_key(shard)
-    import tarfile
-
     with tarfile.open(shard) as tf:
         kept = [(ti, tf.extractfile(ti).read()) for ti in tf.getmembers() if not ti.name.endswith("checksums.json")]
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
         for ti, data in kept:
-            import io
-
             tf.addfile(ti, io.BytesIO(data))
     with pytest.raises(ShardReadError, match=f"{shard}: sample {key}: no member checksums.json.*rebuild"):
         load_all(str(shard), "val")
@@ -121,8 +119,6 @@ def test_old_schema_is_refused_with_rebuild_hint(shard_root: str, tmp_path: Path
 
 def flip_padding(path: Path) -> None:
     """Flip a byte in the zero padding after a member's data (tar readers ignore it; members stay intact)."""
-    import tarfile
-
     with tarfile.open(path) as tf:
         ti = next(t for t in tf.getmembers() if t.size % 512)
     data = bytearray(path.read_bytes())
@@ -229,8 +225,6 @@ def test_shard_is_rewritten_when_its_source_changed(synthetic_root, tmp_path: Pa
     ino = {p.name: p.stat().st_ino for p in out.glob("*.tar")}
 
     def member(name: str) -> bytes:
-        import tarfile
-
         with tarfile.open(out / "val-000000.tar") as tf:
             return tf.extractfile(f"{recs[0].token}.{name}").read()
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _damage import damage
+
 from shards.errors import ShardReadError
 from shards.loader import make_loader, read_sample
 
@@ -75,6 +75,33 @@ def test_http_damage_and_missing_shard_are_named_by_url(served) -> None:
         batches(url)
     with pytest.raises(ShardReadError, match=f"{url}/nowhere/manifest.json: cannot open: HTTP 404"):
         batches(url + "/nowhere")
+
+
+def test_http_5xx_is_retried_then_named(served, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from shards import remote
+
+    url, _ = served
+    monkeypatch.setattr(remote, "HTTP_RETRY_WAITS_S", (0.01, 0.01))
+    calls: list[str] = []
+    real = remote.urllib.request.urlopen
+
+    def flaky(u, timeout):  # the first attempt at every file fails with 503
+        calls.append(u)
+        if calls.count(u) == 1:
+            raise remote.urllib.error.HTTPError(u, 503, "Service Unavailable", {}, None)
+        return real(u, timeout=timeout)
+
+    monkeypatch.setattr(remote.urllib.request, "urlopen", flaky)
+    with caplog.at_level("WARNING"):
+        assert len(batches(url)) == 2
+    assert "HTTP 503; retry 1 of 2" in caplog.text
+
+    def down(u, timeout):
+        raise remote.urllib.error.HTTPError(u, 502, "Bad Gateway", {}, None)
+
+    monkeypatch.setattr(remote.urllib.request, "urlopen", down)
+    with pytest.raises(ShardReadError, match=f"{url}/manifest.json: cannot open: HTTP 502"):
+        batches(url)
 
 
 def test_verify_shards_over_http(served, capsys) -> None:

@@ -55,14 +55,19 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, temp: str | os.PathLike | None = None) -> Iterator[Path]:
     """A temporary path in ``path``'s folder for the caller to write; it replaces ``path`` (fsync, umask
-    permissions, rename, fsync of the folder) when the block ends without error."""
+    permissions, rename, fsync of the folder) when the block ends without error.
+
+    ``temp``: the temporary file's name, for writers whose leftovers must be recognisable as their own (the
+    shard builder); by default a fresh ``.<name>.*.tmp`` beside the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    if temp is None:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        temp = name
+    tmp = Path(temp)
     try:
         yield tmp
         _fsync_file(tmp)
@@ -74,17 +79,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, temp: str | os.PathLike | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (``temp``: see :func:`atomic_path`)."""
+    with atomic_path(path, temp) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, temp: str | os.PathLike | None = None) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), temp)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, temp: str | os.PathLike | None = None,
+                      **dump_kwargs: Any) -> None:
     """``json.dumps(obj, **dump_kwargs)`` plus a final newline, written to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
+    atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n", temp)

@@ -56,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split = args.split or cfg.data.val_split
-    loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
-                         grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
-    m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
-                 normalized_cosine=cfg.eval.normalized_cosine, max_samples=args.max_samples or cfg.eval.max_samples)
+    from shards.errors import DATA_ERRORS, one_line
+
+    try:  # a damaged / missing / old shard: named shard + sample key, exit 2, no traceback
+        loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
+                             grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
+        m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
+                     normalized_cosine=cfg.eval.normalized_cosine,
+                     max_samples=args.max_samples or cfg.eval.max_samples)
+    except DATA_ERRORS as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     print(f"\nZero-shot semantic occupancy, voxels vs ray-cast GT, {split} ({m.samples} samples)\n"
           + m.semantic.table())
     print("\nOccupancy (free / occupied), voxels vs ray-cast GT\n" + m.occupancy.table())

@@ -25,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from pop3d.training import train
+    from shards.errors import DATA_ERRORS, one_line
 
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except DATA_ERRORS as exc:  # a damaged / missing / old shard: named shard + sample key, no traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

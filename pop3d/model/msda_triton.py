@@ -1,0 +1,363 @@
+"""Fused multi-scale deformable attention in Triton (backend ``'triton'`` of :mod:`pop3d.model.msda`).
+
+Same formula and out-of-range rule as mmcv's CUDA kernel (see :mod:`pop3d.model.msda`): for each
+(b, q, m, l, p) the sample point is ``(x * W_l - 0.5, y * H_l - 0.5)``; it contributes only when
+``-1 < h_im < H_l`` and ``-1 < w_im < W_l``, and then each of its 4 bilinear corners only when that corner
+lies inside the map (zero padding per corner). Entry point for users and the GPU suite:
+``multi_scale_deformable_attn(..., backend='triton')``; :func:`msda_triton` is the same without dispatch;
+:func:`selfcheck` runs a numerical check on a device and returns the errors.
+
+Kernels (one program per (query block, head, batch row); ``grid = (cdiv(Q, BLOCK_Q), M, Bv)``):
+
+* forward: a (BLOCK_Q, BLOCK_D) fp32 accumulator; per (level, point) the locations and weights of the block's
+  queries are loaded once and the 4 corners are gathered as rows of D contiguous channels (``value`` is
+  (Bv, S, M, D), so a corner of one head is D contiguous elements: 64 B in bf16, 128 B in fp32 at D = 32);
+* backward: the same walk with ``grad_out`` held in registers; per corner one reduction over D gives
+  ``<grad_out, v>`` from which the gradients of the weight and of both coordinates follow without atomics
+  (one program owns a (query, head)); ``grad_value`` is scattered with relaxed fp32 atomics into an fp32
+  buffer (cast to the value dtype at the end).
+
+Saved for backward: ``value`` (its own dtype), ``sampling_locations`` and ``attention_weights`` (fp32), and a
+(L, 3) int32 level table: nothing per level, nothing of size Q*P*D.
+
+Memory at the paper config (image cross-attention: Bv = 6 cameras, S = 30825 tokens of 4 levels
+(116x200, 58x100, 29x50, 15x25), Q = 12431 rebatched queries, M = 8, D = 32, L = 4, P = 8; 3 layers), from
+:func:`saved_bytes` (the formula is checked against autograd's saved tensors in ``tests/test_msda_triton.py``):
+
+====================================  ===============  ===========
+backend                               per layer        3 layers
+====================================  ===============  ===========
+pytorch (grid_sample), fp32           2.862 GB         8.59 GB
+triton, fp32 value                    0.418 GB         1.25 GB
+triton, bf16 value                    0.324 GB         0.97 GB
+====================================  ===============  ===========
+
+(the grid_sample path saves, per level, the level's value copy, the grid, the sampled (Bv*M, D, Q, P) tensor
+and the weights; the HW-plane self-attention adds ~0.11 GB per layer there, ~0.02 GB here.)
+
+Tuning notes (GPU timings pending: no GPU was available when this was written; the GPU suite's ``fused_msda``
+section times it): ``BLOCK_D = next_pow2(D)`` so a program covers all channels of a head (needed for the
+in-program reductions of the backward); ``FWD_BLOCK_Q = 64`` / ``BWD_BLOCK_Q = 32`` queries with 4 warps keep
+the fp32 tile at 16 (forward) / 8 (backward) elements per thread at D = 32, leaving registers for the 4
+in-flight corner gathers of the unrolled point loop; for D >= 64 halve BLOCK_Q. Levels run as a loop, points
+are unrolled (``P`` is a compile-time constant, as is ``L``). Sweep with :func:`benchmark`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+FWD_BLOCK_Q = 64
+BWD_BLOCK_Q = 32
+NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels (plain functions, wrapped by _kernels() as compiled or interpreted Triton functions)
+# --------------------------------------------------------------------------------------------------------
+
+def _msda_fwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, out_ptr, S, Q, M, D,
+              L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_q = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = offs_q < Q
+    d_mask = offs_d < D
+    row = (b * Q + offs_q) * M + head  # (b, q, m) row of loc / attn / out, int64
+    v_base = value_ptr + b * S * M * D + head * D
+    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    for lvl in range(L):
+        h_l = tl.load(levels_ptr + 3 * lvl)
+        w_l = tl.load(levels_ptr + 3 * lvl + 1)
+        start = tl.load(levels_ptr + 3 * lvl + 2)
+        hf = h_l.to(tl.float32)
+        wf = w_l.to(tl.float32)
+        for pt in tl.static_range(P):
+            k = lvl * P + pt
+            x = tl.load(loc_ptr + row * (2 * L * P) + 2 * k, mask=q_mask, other=0.0)
+            y = tl.load(loc_ptr + row * (2 * L * P) + 2 * k + 1, mask=q_mask, other=0.0)
+            a = tl.load(attn_ptr + row * (L * P) + k, mask=q_mask, other=0.0)
+            w_im = x * wf - 0.5
+            h_im = y * hf - 0.5
+            inside = q_mask & (h_im > -1.0) & (w_im > -1.0) & (h_im < hf) & (w_im < wf)
+            # clamp before the int conversion so far-away points cannot overflow (they are masked anyway)
+            h_im = tl.minimum(tl.maximum(h_im, -2.0), hf + 1.0)
+            w_im = tl.minimum(tl.maximum(w_im, -2.0), wf + 1.0)
+            h0f = tl.floor(h_im)
+            w0f = tl.floor(w_im)
+            lh = h_im - h0f
+            lw = w_im - w0f
+            h0 = h0f.to(tl.int32)
+            w0 = w0f.to(tl.int32)
+            for c in tl.static_range(4):
+                yy = h0 + (c // 2)
+                xx = w0 + (c % 2)
+                wy = lh if (c // 2) == 1 else 1.0 - lh
+                wx = lw if (c % 2) == 1 else 1.0 - lw
+                ok = inside & (yy >= 0) & (yy < h_l) & (xx >= 0) & (xx < w_l)
+                tok = start + yy * w_l + xx
+                v = tl.load(v_base + tok[:, None] * (M * D) + offs_d[None, :],
+                            mask=ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                acc += (a * wy * wx)[:, None] * v
+    tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=q_mask[:, None] & d_mask[None, :])
+
+
+def _msda_bwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value_ptr, grad_loc_ptr,
+              grad_attn_ptr, S, Q, M, D, L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr,
+              BLOCK_D: tl.constexpr, GRAD_VALUE: tl.constexpr):
+    pid_q = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = offs_q < Q
+    d_mask = offs_d < D
+    row = (b * Q + offs_q) * M + head
+    v_base = value_ptr + b * S * M * D + head * D
+    gv_base = grad_value_ptr + b * S * M * D + head * D
+    g = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :],
+                other=0.0).to(tl.float32)
+    for lvl in range(L):
+        h_l = tl.load(levels_ptr + 3 * lvl)
+        w_l = tl.load(levels_ptr + 3 * lvl + 1)
+        start = tl.load(levels_ptr + 3 * lvl + 2)
+        hf = h_l.to(tl.float32)
+        wf = w_l.to(tl.float32)
+        for pt in tl.static_range(P):
+            k = lvl * P + pt
+            x = tl.load(loc_ptr + row * (2 * L * P) + 2 * k, mask=q_mask, other=0.0)
+            y = tl.load(loc_ptr + row * (2 * L * P) + 2 * k + 1, mask=q_mask, other=0.0)
+            a = tl.load(attn_ptr + row * (L * P) + k, mask=q_mask, other=0.0)
+            w_im = x * wf - 0.5
+            h_im = y * hf - 0.5
+            inside = q_mask & (h_im > -1.0) & (w_im > -1.0) & (h_im < hf) & (w_im < wf)
+            h_im = tl.minimum(tl.maximum(h_im, -2.0), hf + 1.0)
+            w_im = tl.minimum(tl.maximum(w_im, -2.0), wf + 1.0)
+            h0f = tl.floor(h_im)
+            w0f = tl.floor(w_im)
+            lh = h_im - h0f
+            lw = w_im - w0f
+            h0 = h0f.to(tl.int32)
+            w0 = w0f.to(tl.int32)
+            dot_s = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # <g, sample>
+            dot_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # <g, d sample / d h_im>
+            dot_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # <g, d sample / d w_im>
+            for c in tl.static_range(4):
+                yy = h0 + (c // 2)
+                xx = w0 + (c % 2)
+                wy = lh if (c // 2) == 1 else 1.0 - lh
+                wx = lw if (c % 2) == 1 else 1.0 - lw
+                sy = 1.0 if (c // 2) == 1 else -1.0  # d wy / d h_im
+                sx = 1.0 if (c % 2) == 1 else -1.0  # d wx / d w_im
+                ok = inside & (yy >= 0) & (yy < h_l) & (xx >= 0) & (xx < w_l)
+                tok = start + yy * w_l + xx
+                mask2 = ok[:, None] & d_mask[None, :]
+                v = tl.load(v_base + tok[:, None] * (M * D) + offs_d[None, :], mask=mask2,
+                            other=0.0).to(tl.float32)
+                gv = tl.sum(g * v, axis=1)
+                dot_s += wy * wx * gv
+                dot_h += sy * wx * gv
+                dot_w += sx * wy * gv
+                if GRAD_VALUE:
+                    tl.atomic_add(gv_base + tok[:, None] * (M * D) + offs_d[None, :], (a * wy * wx)[:, None] * g,
+                                  mask=mask2, sem="relaxed")
+            tl.store(grad_attn_ptr + row * (L * P) + k, dot_s, mask=q_mask)
+            tl.store(grad_loc_ptr + row * (2 * L * P) + 2 * k, a * wf * dot_w, mask=q_mask)
+            tl.store(grad_loc_ptr + row * (2 * L * P) + 2 * k + 1, a * hf * dot_h, mask=q_mask)
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=2)
+def _kernels(interpret: bool):
+    """(forward, backward) as Triton's interpreter functions (CPU tensors, tests) or compiled kernels.
+
+    Built on first use rather than at import, so TRITON_INTERPRET set by one test (or unset afterwards)
+    decides per call and never changes kernels another caller already uses.
+    """
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+        return InterpretedFunction(_msda_fwd), InterpretedFunction(_msda_bwd)
+    return triton.jit(_msda_fwd), triton.jit(_msda_bwd)
+
+
+def _kernels_for(device: torch.device):
+    interpret = _interpret_env()
+    if device.type == "cpu" and not interpret:
+        raise RuntimeError("deformable-attention backend 'triton' needs CUDA tensors; CPU tensors run only "
+                           "under Triton's interpreter (TRITON_INTERPRET=1, for tests); use backend='pytorch'")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"deformable-attention backend 'triton' supports CUDA tensors, got {device.type}")
+    return _kernels(interpret)
+
+
+_LEVEL_TABLES: dict = {}
+
+
+def level_table(spatial_shapes: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """(L, 3) int32 [H_l, W_l, level_start_index] on ``device``, cached per (shapes, device) so repeated
+    calls make no host-to-device copy."""
+    key = (tuple((int(h), int(w)) for h, w in spatial_shapes), str(device))
+    table = _LEVEL_TABLES.get(key)
+    if table is None:
+        rows, start = [], 0
+        for h, w in key[0]:
+            rows.append((h, w, start))
+            start += h * w
+        table = torch.tensor(rows, dtype=torch.int32).to(device)
+        _LEVEL_TABLES[key] = table
+    return table
+
+
+def _grid(q: int, m: int, bv: int, block_q: int):
+    return (triton.cdiv(q, block_q), m, bv)
+
+
+class MSDATritonFunction(torch.autograd.Function):
+    """value (Bv,S,M,D) fp32/bf16/fp16, levels (L,3) int32, loc (Bv,Q,M,L,P,2) fp32, attn (Bv,Q,M,L,P) fp32
+    -> (Bv,Q,M*D) fp32. Gradients for value (its dtype), loc and attn (fp32)."""
+
+    @staticmethod
+    def forward(ctx, value, levels, loc, attn):
+        bv, s, m, d = value.shape
+        q, n_lvl, n_pt = loc.shape[1], loc.shape[3], loc.shape[4]
+        fwd, _ = _kernels_for(value.device)
+        out = torch.empty(bv, q, m, d, dtype=torch.float32, device=value.device)
+        fwd[_grid(q, m, bv, FWD_BLOCK_Q)](value, levels, loc, attn, out, s, q, m, d, L=n_lvl, P=n_pt,
+                                          BLOCK_Q=FWD_BLOCK_Q, BLOCK_D=triton.next_power_of_2(d),
+                                          num_warps=NUM_WARPS)
+        ctx.save_for_backward(value, levels, loc, attn)
+        return out.view(bv, q, m * d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, levels, loc, attn = ctx.saved_tensors
+        bv, s, m, d = value.shape
+        q, n_lvl, n_pt = loc.shape[1], loc.shape[3], loc.shape[4]
+        _, bwd = _kernels_for(value.device)
+        grad_out = grad_out.contiguous()
+        need_value = ctx.needs_input_grad[0]
+        # fp32 atomics target; a 1-element dummy when value needs no gradient
+        grad_value = torch.zeros((bv, s, m, d) if need_value else (1,), dtype=torch.float32, device=value.device)
+        grad_loc = torch.empty_like(loc)
+        grad_attn = torch.empty_like(attn)
+        bwd[_grid(q, m, bv, BWD_BLOCK_Q)](value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
+                                          s, q, m, d, L=n_lvl, P=n_pt, BLOCK_Q=BWD_BLOCK_Q,
+                                          BLOCK_D=triton.next_power_of_2(d), GRAD_VALUE=need_value,
+                                          num_warps=NUM_WARPS)
+        grad_value = grad_value.to(value.dtype) if need_value else None
+        return grad_value, None, grad_loc, grad_attn
+
+
+def msda_triton(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
+                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Fused kernel. Same shapes as :func:`pop3d.model.msda.msda_pytorch`; value keeps its dtype when it is
+    fp32/bf16/fp16 (accumulation in fp32), locations and weights are used in fp32. Returns (Bv, Q, M*D) fp32."""
+    bv, s, m, d = value.shape
+    if s * m * d >= 2 ** 31:
+        raise ValueError(f"value has {s * m * d} elements per batch row; the kernel indexes them in int32")
+    if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        value = value.float()
+    levels = level_table(spatial_shapes, value.device)
+    loc = sampling_locations.to(torch.float32).contiguous()
+    attn = attention_weights.to(torch.float32).contiguous()
+    return MSDATritonFunction.apply(value.contiguous(), levels, loc, attn)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory accounting, self-check and timing (for the GPU suite)
+# --------------------------------------------------------------------------------------------------------
+
+def saved_bytes(backend: str, bv: int, q: int, m: int, d: int, spatial_shapes: Sequence[tuple[int, int]],
+                n_points: int, value_bytes: int = 4) -> int:
+    """Bytes one call saves for backward. ``'pytorch'``: per level the (Bv*M, D, H_l, W_l) fp32 value copy,
+    the (Bv*M, Q, P, 2) grid, the (Bv*M, D, Q, P) sample and the (Bv*M, 1, Q, P) weights; ``'triton'``: value
+    (``value_bytes`` per element), fp32 locations and weights, the (L, 3) int32 level table."""
+    n_lvl = len(spatial_shapes)
+    s = sum(h * w for h, w in spatial_shapes)
+    if backend == "pytorch":
+        return 4 * (bv * m * d * s + n_lvl * bv * m * q * n_points * (2 + d + 1))
+    if backend == "triton":
+        return value_bytes * bv * s * m * d + 4 * bv * q * m * n_lvl * n_points * 3 + 4 * 3 * n_lvl
+    raise ValueError(f"saved_bytes: unknown backend {backend!r}")
+
+
+def _check_inputs(device, dtype, bv=2, q=37, m=3, d=20, n_pt=3, shapes=((7, 5), (3, 11), (1, 1)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(bv, s, m, d, generator=g).to(dtype)
+    loc = torch.rand(bv, q, m, len(shapes), n_pt, 2, generator=g) * 1.6 - 0.3  # many points off the maps
+    attn = torch.rand(bv, q, m, len(shapes), n_pt, generator=g)
+    return [t.to(device) for t in (value, loc, attn)], list(shapes)
+
+
+def selfcheck(device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32) -> dict:
+    """Forward and the three gradients against the float64 grid_sample formula on ``device``; returns
+    ``{"out": err, "grad_value": err, "grad_loc": err, "grad_attn": err, "ok": bool}`` with max abs errors
+    relative to each reference's max magnitude (tolerance 1e-4 fp32, 1e-2 bf16/fp16 for grad_value)."""
+    from .msda import msda_pytorch
+    (value, loc, attn), shapes = _check_inputs(device, dtype)
+    grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device)
+    errs = {}
+    outs = []
+    for fn, cast in ((msda_triton, lambda t: t), (functools.partial(msda_pytorch, compute_dtype=torch.float64), torch.Tensor.double)):
+        ins = [cast(t.detach()).requires_grad_(True) for t in (value, loc, attn)]
+        out = fn(ins[0], shapes, ins[1], ins[2])
+        out.backward(cast(grad))
+        outs.append([out.detach()] + [t.grad for t in ins])
+    for name, got, ref in zip(("out", "grad_value", "grad_loc", "grad_attn"), *outs):
+        scale = float(ref.abs().max().clamp(min=1e-12))
+        errs[name] = float((got.double() - ref).abs().max()) / scale
+    tol_v = 1e-4 if dtype == torch.float32 else 1e-2
+    errs["ok"] = all(errs[k] <= (tol_v if k == "grad_value" else 1e-4) for k in ("out", "grad_value",
+                                                                                 "grad_loc", "grad_attn"))
+    return errs
+
+
+def benchmark(device: str | torch.device = "cuda", bv: int = 6, q: int = 12431, m: int = 8, d: int = 32,
+              n_points: int = 8, shapes=((116, 200), (58, 100), (29, 50), (15, 25)),
+              dtype: torch.dtype = torch.bfloat16, backends=("pytorch", "triton"), iters: int = 10,
+              block_q: Sequence[tuple[int, int]] = ()) -> dict:
+    """Forward+backward ms (CUDA events) and peak memory per backend at the paper's image cross-attention size.
+    ``block_q`` lists extra (FWD_BLOCK_Q, BWD_BLOCK_Q) pairs to time the triton kernel with (tuning sweep)."""
+    from .msda import multi_scale_deformable_attn
+    global FWD_BLOCK_Q, BWD_BLOCK_Q
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(bv, s, m, d, generator=g).to(device, dtype).requires_grad_(True)
+    loc = (torch.rand(bv, q, m, len(shapes), n_points, 2, generator=g) * 1.2 - 0.1).to(device).requires_grad_(True)
+    attn = torch.rand(bv, q, m, len(shapes), n_points, generator=g).to(device).requires_grad_(True)
+    runs = [(b, None) for b in backends] + [("triton", bq) for bq in block_q]
+    results = {}
+    for name, bq in runs:
+        saved = (FWD_BLOCK_Q, BWD_BLOCK_Q)
+        if bq is not None:
+            FWD_BLOCK_Q, BWD_BLOCK_Q = bq
+        try:
+            for _ in range(2):  # compile + warm up
+                multi_scale_deformable_attn(value, shapes, loc, attn, backend=name).sum().backward()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            for _ in range(iters):
+                multi_scale_deformable_attn(value, shapes, loc, attn, backend=name).sum().backward()
+            t1.record()
+            torch.cuda.synchronize(device)
+            key = name if bq is None else f"triton_bq{bq[0]}_{bq[1]}"
+            results[key] = {"fwd_bwd_ms": t0.elapsed_time(t1) / iters,
+                            "peak_extra_gb": (torch.cuda.max_memory_allocated(device) - base) / 1e9}
+        finally:
+            FWD_BLOCK_Q, BWD_BLOCK_Q = saved
+    return results

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-ATTENTION_BACKENDS = ("auto", "pytorch", "mmcv")
+ATTENTION_BACKENDS = ("auto", "pytorch", "triton", "mmcv")  # = pop3d.model.msda.BACKENDS
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 

@@ -35,12 +35,27 @@ triton, bf16 value                    0.324 GB         0.97 GB
 (the grid_sample path saves, per level, the level's value copy, the grid, the sampled (Bv*M, D, Q, P) tensor
 and the weights; the HW-plane self-attention adds ~0.11 GB per layer there, ~0.02 GB here.)
 
-Tuning notes (GPU timings pending: no GPU was available when this was written; the GPU suite's ``fused_msda``
-section times it): ``BLOCK_D = next_pow2(D)`` so a program covers all channels of a head (needed for the
-in-program reductions of the backward); ``FWD_BLOCK_Q = 64`` / ``BWD_BLOCK_Q = 32`` queries with 4 warps keep
-the fp32 tile at 16 (forward) / 8 (backward) elements per thread at D = 32, leaving registers for the 4
-in-flight corner gathers of the unrolled point loop; for D >= 64 halve BLOCK_Q. Levels run as a loop, points
-are unrolled (``P`` is a compile-time constant, as is ``L``). Sweep with :func:`benchmark`.
+Tuning notes. GPU timings are pending (no GPU was available when this was written; the GPU suite's
+``fused_msda`` section and :func:`benchmark` time it, ``benchmark(block_q=[(64, 32), (32, 16), ...])`` sweeps
+block sizes). What is known offline: the kernels compile for sm_90 (H100/H200) on a machine without a GPU
+(``tests/test_msda_triton.py`` compiles them and runs ptxas), and at the paper's D = 32 with the default
+blocks ptxas reports, per thread (4 warps):
+
+========================  =========  ======  ========================================================
+kernel                    registers  spills  memory instructions
+========================  =========  ======  ========================================================
+forward, bf16, BQ 64      70         0       value rows as 128-bit loads (8 bf16)
+forward, fp32, BQ 32      70         0       value rows as 128-bit loads (4 fp32)
+backward, bf16, BQ 32     80         0       128-bit loads, ``atom.add.v4.f32`` relaxed (4 fp32 per op)
+backward, fp32, BQ 32     96         0       same
+========================  =========  ======  ========================================================
+
+Choices that matter: ``D`` is a compile-time constant and, when ``BLOCK_D == D``, the masks are constant
+along D; without that the gathers fall back to one 16-bit load per element. The point loop is a runtime loop:
+unrolling it (``tl.static_range``) made the compiler hoist all 32 gathers of a level (255 registers, ~1 KB of
+spills). ``BLOCK_D = next_pow2(D)``: a program covers all channels of its head, which the backward's
+in-program reductions need. Queries per program: :func:`block_q` (a 4 KB corner tile; fp32 forward at 64
+queries took 138 registers, hence 32). Levels and points are a loop, corners unrolled.
 """
 from __future__ import annotations
 
@@ -52,16 +67,26 @@ import torch
 import triton
 import triton.language as tl
 
-FWD_BLOCK_Q = 64
-BWD_BLOCK_Q = 32
+FWD_BLOCK_Q: int | None = None  # None: block_q() below; set an int to override (tuning sweeps)
+BWD_BLOCK_Q: int | None = None
 NUM_WARPS = 4
+TILE_BYTES = 4096  # one (BLOCK_Q, BLOCK_D) corner tile: 64 x 32 bf16 values, 32 x 32 fp32
+
+
+def block_q(block_d: int, elem_bytes: int, backward: bool) -> int:
+    """Queries per program: a corner tile of TILE_BYTES (the backward's tiles are fp32 grad_out), in [16, 128].
+    At D = 32: forward 64 (bf16) / 32 (fp32), backward 32."""
+    override = BWD_BLOCK_Q if backward else FWD_BLOCK_Q
+    if override is not None:
+        return override
+    return max(16, min(128, TILE_BYTES // (block_d * (4 if backward else elem_bytes))))
 
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels (plain functions, wrapped by _kernels() as compiled or interpreted Triton functions)
 # --------------------------------------------------------------------------------------------------------
 
-def _msda_fwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, out_ptr, S, Q, M, D,
+def _msda_fwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, out_ptr, S, Q, M, D: tl.constexpr,
               L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_q = tl.program_id(0)
     head = tl.program_id(1)
@@ -72,14 +97,14 @@ def _msda_fwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, out_ptr, S, Q, M, D,
     d_mask = offs_d < D
     row = (b * Q + offs_q) * M + head  # (b, q, m) row of loc / attn / out, int64
     v_base = value_ptr + b * S * M * D + head * D
-    acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+    acc = tl.full((BLOCK_Q, BLOCK_D), 0.0, tl.float32)
     for lvl in range(L):
         h_l = tl.load(levels_ptr + 3 * lvl)
         w_l = tl.load(levels_ptr + 3 * lvl + 1)
         start = tl.load(levels_ptr + 3 * lvl + 2)
         hf = h_l.to(tl.float32)
         wf = w_l.to(tl.float32)
-        for pt in tl.static_range(P):
+        for pt in range(P):
             k = lvl * P + pt
             x = tl.load(loc_ptr + row * (2 * L * P) + 2 * k, mask=q_mask, other=0.0)
             y = tl.load(loc_ptr + row * (2 * L * P) + 2 * k + 1, mask=q_mask, other=0.0)
@@ -103,14 +128,21 @@ def _msda_fwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, out_ptr, S, Q, M, D,
                 wx = lw if (c % 2) == 1 else 1.0 - lw
                 ok = inside & (yy >= 0) & (yy < h_l) & (xx >= 0) & (xx < w_l)
                 tok = start + yy * w_l + xx
-                v = tl.load(v_base + tok[:, None] * (M * D) + offs_d[None, :],
-                            mask=ok[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-                acc += (a * wy * wx)[:, None] * v
-    tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=q_mask[:, None] & d_mask[None, :])
+                if BLOCK_D == D:  # a mask constant along D keeps the row loads vectorised
+                    mask2 = ok[:, None]
+                else:
+                    mask2 = ok[:, None] & d_mask[None, :]
+                v = tl.load(v_base + tok[:, None] * (M * D) + offs_d[None, :], mask=mask2, other=0.0)
+                acc += (a * wy * wx)[:, None] * v.to(tl.float32)
+    if BLOCK_D == D:
+        out_mask = q_mask[:, None]
+    else:
+        out_mask = q_mask[:, None] & d_mask[None, :]
+    tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=out_mask)
 
 
 def _msda_bwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value_ptr, grad_loc_ptr,
-              grad_attn_ptr, S, Q, M, D, L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr,
+              grad_attn_ptr, S, Q, M, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr,
               BLOCK_D: tl.constexpr, GRAD_VALUE: tl.constexpr):
     pid_q = tl.program_id(0)
     head = tl.program_id(1)
@@ -122,15 +154,18 @@ def _msda_bwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value
     row = (b * Q + offs_q) * M + head
     v_base = value_ptr + b * S * M * D + head * D
     gv_base = grad_value_ptr + b * S * M * D + head * D
-    g = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=q_mask[:, None] & d_mask[None, :],
-                other=0.0).to(tl.float32)
+    if BLOCK_D == D:
+        g_mask = q_mask[:, None]
+    else:
+        g_mask = q_mask[:, None] & d_mask[None, :]
+    g = tl.load(grad_out_ptr + row[:, None] * D + offs_d[None, :], mask=g_mask, other=0.0).to(tl.float32)
     for lvl in range(L):
         h_l = tl.load(levels_ptr + 3 * lvl)
         w_l = tl.load(levels_ptr + 3 * lvl + 1)
         start = tl.load(levels_ptr + 3 * lvl + 2)
         hf = h_l.to(tl.float32)
         wf = w_l.to(tl.float32)
-        for pt in tl.static_range(P):
+        for pt in range(P):
             k = lvl * P + pt
             x = tl.load(loc_ptr + row * (2 * L * P) + 2 * k, mask=q_mask, other=0.0)
             y = tl.load(loc_ptr + row * (2 * L * P) + 2 * k + 1, mask=q_mask, other=0.0)
@@ -146,9 +181,9 @@ def _msda_bwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value
             lw = w_im - w0f
             h0 = h0f.to(tl.int32)
             w0 = w0f.to(tl.int32)
-            dot_s = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # <g, sample>
-            dot_h = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # <g, d sample / d h_im>
-            dot_w = tl.zeros((BLOCK_Q,), dtype=tl.float32)  # <g, d sample / d w_im>
+            dot_s = tl.full((BLOCK_Q,), 0.0, tl.float32)  # <g, sample>
+            dot_h = tl.full((BLOCK_Q,), 0.0, tl.float32)  # <g, d sample / d h_im>
+            dot_w = tl.full((BLOCK_Q,), 0.0, tl.float32)  # <g, d sample / d w_im>
             for c in tl.static_range(4):
                 yy = h0 + (c // 2)
                 xx = w0 + (c % 2)
@@ -158,10 +193,13 @@ def _msda_bwd(value_ptr, levels_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value
                 sx = 1.0 if (c % 2) == 1 else -1.0  # d wx / d w_im
                 ok = inside & (yy >= 0) & (yy < h_l) & (xx >= 0) & (xx < w_l)
                 tok = start + yy * w_l + xx
-                mask2 = ok[:, None] & d_mask[None, :]
+                if BLOCK_D == D:
+                    mask2 = ok[:, None]
+                else:
+                    mask2 = ok[:, None] & d_mask[None, :]
                 v = tl.load(v_base + tok[:, None] * (M * D) + offs_d[None, :], mask=mask2,
                             other=0.0).to(tl.float32)
-                gv = tl.sum(g * v, axis=1)
+                gv = tl.reduce(g * v, 1, tl.standard._sum_combine)  # = tl.sum(g * v, 1), see _kernels
                 dot_s += wy * wx * gv
                 dot_h += sy * wx * gv
                 dot_w += sx * wy * gv
@@ -182,7 +220,10 @@ def _kernels(interpret: bool):
     """(forward, backward) as Triton's interpreter functions (CPU tensors, tests) or compiled kernels.
 
     Built on first use rather than at import, so TRITON_INTERPRET set by one test (or unset afterwards)
-    decides per call and never changes kernels another caller already uses.
+    decides per call and never changes kernels another caller already uses. For that the kernels call no
+    ``@triton.jit`` helper of ``triton.language`` (those are compiled or interpreted once, when triton is
+    imported): ``tl.full`` instead of ``tl.zeros`` and ``tl.reduce(x, 1, tl.standard._sum_combine)``, which is
+    ``tl.sum``'s own body for fp32 and which the interpreter recognises by identity and runs as ``np.sum``.
     """
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
@@ -232,9 +273,10 @@ class MSDATritonFunction(torch.autograd.Function):
         q, n_lvl, n_pt = loc.shape[1], loc.shape[3], loc.shape[4]
         fwd, _ = _kernels_for(value.device)
         out = torch.empty(bv, q, m, d, dtype=torch.float32, device=value.device)
-        fwd[_grid(q, m, bv, FWD_BLOCK_Q)](value, levels, loc, attn, out, s, q, m, d, L=n_lvl, P=n_pt,
-                                          BLOCK_Q=FWD_BLOCK_Q, BLOCK_D=triton.next_power_of_2(d),
-                                          num_warps=NUM_WARPS)
+        block_d = triton.next_power_of_2(d)
+        bq = block_q(block_d, value.element_size(), backward=False)
+        fwd[_grid(q, m, bv, bq)](value, levels, loc, attn, out, s, q, m, D=d, L=n_lvl, P=n_pt, BLOCK_Q=bq,
+                                 BLOCK_D=block_d, num_warps=NUM_WARPS)
         ctx.save_for_backward(value, levels, loc, attn)
         return out.view(bv, q, m * d)
 
@@ -251,10 +293,11 @@ class MSDATritonFunction(torch.autograd.Function):
         grad_value = torch.zeros((bv, s, m, d) if need_value else (1,), dtype=torch.float32, device=value.device)
         grad_loc = torch.empty_like(loc)
         grad_attn = torch.empty_like(attn)
-        bwd[_grid(q, m, bv, BWD_BLOCK_Q)](value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn,
-                                          s, q, m, d, L=n_lvl, P=n_pt, BLOCK_Q=BWD_BLOCK_Q,
-                                          BLOCK_D=triton.next_power_of_2(d), GRAD_VALUE=need_value,
-                                          num_warps=NUM_WARPS)
+        block_d = triton.next_power_of_2(d)
+        bq = block_q(block_d, value.element_size(), backward=True)
+        bwd[_grid(q, m, bv, bq)](value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn, s, q, m,
+                                 D=d, L=n_lvl, P=n_pt, BLOCK_Q=bq, BLOCK_D=block_d, GRAD_VALUE=need_value,
+                                 num_warps=NUM_WARPS)
         grad_value = grad_value.to(value.dtype) if need_value else None
         return grad_value, None, grad_loc, grad_attn
 
@@ -263,7 +306,7 @@ def msda_triton(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Fused kernel. Same shapes as :func:`pop3d.model.msda.msda_pytorch`; value keeps its dtype when it is
     fp32/bf16/fp16 (accumulation in fp32), locations and weights are used in fp32. Returns (Bv, Q, M*D) fp32."""
-    bv, s, m, d = value.shape
+    _, s, m, d = value.shape
     if s * m * d >= 2 ** 31:
         raise ValueError(f"value has {s * m * d} elements per batch row; the kernel indexes them in int32")
     if value.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -172,6 +172,21 @@ def test_backend_selection_and_cpu_refusal(monkeypatch):
     assert micro_config(attention_backend="triton").attention_backend == "triton"
 
 
+def test_selfcheck_and_benchmark_entry_points_for_the_gpu_suite(interpret, monkeypatch):
+    """What benchmarks/gpu_suite.py calls, run here on CPU: selfcheck passes (bf16 values; fp32 is covered
+    above) and benchmark reports both backends; without the interpreter the CPU triton run is reported as
+    skipped, not dropped."""
+    report = mt.selfcheck("cpu", torch.bfloat16)
+    assert report["ok"], report
+    assert report["d32"]["out"] < 1e-5 and set(report["d20"]) == {"out", "grad_value", "grad_loc", "grad_attn"}
+    tiny = {"bv": 1, "q": 3, "m": 1, "d": 4, "n_points": 1, "shapes": [(3, 3)], "iters": 1}
+    res = mt.benchmark("cpu", **tiny)
+    assert res["pytorch"]["fwd_bwd_ms"] > 0 and res["triton"]["fwd_bwd_ms"] > 0
+    assert res["triton"]["saved_gb"] < res["pytorch"]["saved_gb"]
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET=1" in mt.benchmark("cpu", **tiny, backends=("triton",))["triton"]["skipped"]
+
+
 def test_interpreter_env_does_not_leak(interpret):
     """The kernels are chosen per call: under the env var the interpreter runs them; without it, the same
     process still builds ordinary compiled kernels and other triton.jit functions are not interpreted."""

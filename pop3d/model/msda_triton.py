@@ -335,72 +335,116 @@ def saved_bytes(backend: str, bv: int, q: int, m: int, d: int, spatial_shapes: S
     raise ValueError(f"saved_bytes: unknown backend {backend!r}")
 
 
-def _check_inputs(device, dtype, bv=2, q=37, m=3, d=20, n_pt=3, shapes=((7, 5), (3, 11), (1, 1)), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = sum(h * w for h, w in shapes)
-    value = torch.randn(bv, s, m, d, generator=g).to(dtype)
-    loc = torch.rand(bv, q, m, len(shapes), n_pt, 2, generator=g) * 1.6 - 0.3  # many points off the maps
-    attn = torch.rand(bv, q, m, len(shapes), n_pt, generator=g)
-    return [t.to(device) for t in (value, loc, attn)], list(shapes)
+def compare(value: torch.Tensor, spatial_shapes, sampling_locations: torch.Tensor,
+            attention_weights: torch.Tensor, grad: torch.Tensor | None = None) -> dict:
+    """The triton backend against the float64 grid_sample formula on the same inputs (synthetic ones, or a
+    real layer's: the GPU suite's check). Returns the max abs error of the output and of the three gradients,
+    each divided by the reference's max magnitude: ``{"out", "grad_value", "grad_loc", "grad_attn"}``."""
+    from .msda import _shapes_list, msda_pytorch
+    shapes = _shapes_list(spatial_shapes)
+    if grad is None:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        grad = torch.randn(value.shape[0], sampling_locations.shape[1], value.shape[2] * value.shape[3], generator=g)
+    grad = grad.to(value.device)
+    ref64 = functools.partial(msda_pytorch, compute_dtype=torch.float64)
+    results = []
+    for fn, cast in ((msda_triton, lambda t: t), (ref64, torch.Tensor.double)):
+        ins = [cast(t.detach()).requires_grad_(True) for t in (value, sampling_locations, attention_weights)]
+        out = fn(ins[0], shapes, ins[1], ins[2])
+        out.backward(cast(grad.float()))
+        results.append([out.detach()] + [t.grad for t in ins])
+    errs = {}
+    for name, got, ref in zip(("out", "grad_value", "grad_loc", "grad_attn"), *results):
+        errs[name] = float((got.double() - ref).abs().max()) / float(ref.abs().max().clamp(min=1e-12))
+    return errs
 
 
 def selfcheck(device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32) -> dict:
-    """Forward and the three gradients against the float64 grid_sample formula on ``device``; returns
-    ``{"out": err, "grad_value": err, "grad_loc": err, "grad_attn": err, "ok": bool}`` with max abs errors
-    relative to each reference's max magnitude (tolerance 1e-4 fp32, 1e-2 bf16/fp16 for grad_value)."""
-    from .msda import msda_pytorch
-    (value, loc, attn), shapes = _check_inputs(device, dtype)
-    grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], device=device)
-    errs = {}
-    outs = []
-    for fn, cast in ((msda_triton, lambda t: t), (functools.partial(msda_pytorch, compute_dtype=torch.float64), torch.Tensor.double)):
-        ins = [cast(t.detach()).requires_grad_(True) for t in (value, loc, attn)]
-        out = fn(ins[0], shapes, ins[1], ins[2])
-        out.backward(cast(grad))
-        outs.append([out.detach()] + [t.grad for t in ins])
-    for name, got, ref in zip(("out", "grad_value", "grad_loc", "grad_attn"), *outs):
-        scale = float(ref.abs().max().clamp(min=1e-12))
-        errs[name] = float((got.double() - ref).abs().max()) / scale
-    tol_v = 1e-4 if dtype == torch.float32 else 1e-2
-    errs["ok"] = all(errs[k] <= (tol_v if k == "grad_value" else 1e-4) for k in ("out", "grad_value",
-                                                                                 "grad_loc", "grad_attn"))
-    return errs
+    """:func:`compare` on synthetic inputs on ``device`` with many points off the maps, odd level sizes and
+    D = 32 (unmasked rows) and D = 20 (masked). Returns ``{"d32": errs, "d20": errs, "ok": bool}``; ok means
+    every relative error <= 1e-4, except grad_value of a bf16/fp16 value (rounded to it): <= 1e-2."""
+    shapes = [(7, 5), (3, 11), (1, 1)]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s = sum(h * w for h, w in shapes)
+    report, ok = {}, True
+    for d in (32, 20):
+        value = torch.randn(1, s, 2, d, generator=g).to(device, dtype)
+        loc = (torch.rand(1, 37, 2, len(shapes), 2, 2, generator=g) * 1.6 - 0.3).to(device)
+        attn = torch.rand(1, 37, 2, len(shapes), 2, generator=g).to(device)
+        errs = compare(value, shapes, loc, attn)
+        tol_v = 1e-4 if dtype == torch.float32 else 1e-2
+        ok = ok and all(e <= (tol_v if k == "grad_value" else 1e-4) for k, e in errs.items())
+        report[f"d{d}"] = errs
+    report["ok"] = ok
+    return report
+
+
+def _time_ms(fn, device: torch.device, iters: int) -> float:
+    if device.type == "cuda":
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(iters):
+            fn()
+        t1.record()
+        torch.cuda.synchronize(device)
+        return t0.elapsed_time(t1) / iters
+    import time
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) * 1e3 / iters
 
 
 def benchmark(device: str | torch.device = "cuda", bv: int = 6, q: int = 12431, m: int = 8, d: int = 32,
               n_points: int = 8, shapes=((116, 200), (58, 100), (29, 50), (15, 25)),
               dtype: torch.dtype = torch.bfloat16, backends=("pytorch", "triton"), iters: int = 10,
               block_q: Sequence[tuple[int, int]] = ()) -> dict:
-    """Forward+backward ms (CUDA events) and peak memory per backend at the paper's image cross-attention size.
-    ``block_q`` lists extra (FWD_BLOCK_Q, BWD_BLOCK_Q) pairs to time the triton kernel with (tuning sweep)."""
+    """Per backend: forward ms (autograd on) and forward+backward ms (CUDA events; perf_counter on CPU), peak
+    memory above the inputs (CUDA only, else None) and :func:`saved_bytes`. Defaults: one layer's image
+    cross-attention at the paper config. ``block_q`` adds triton runs with those (FWD_BLOCK_Q, BWD_BLOCK_Q).
+    On CPU the triton runs need TRITON_INTERPRET=1; without it they are reported as skipped, with the reason."""
     from .msda import multi_scale_deformable_attn
     global FWD_BLOCK_Q, BWD_BLOCK_Q
+    device = torch.device(device)
+    shapes = [tuple(hw) for hw in shapes]
     g = torch.Generator(device="cpu").manual_seed(0)
     s = sum(h * w for h, w in shapes)
     value = torch.randn(bv, s, m, d, generator=g).to(device, dtype).requires_grad_(True)
     loc = (torch.rand(bv, q, m, len(shapes), n_points, 2, generator=g) * 1.2 - 0.1).to(device).requires_grad_(True)
     attn = torch.rand(bv, q, m, len(shapes), n_points, generator=g).to(device).requires_grad_(True)
-    runs = [(b, None) for b in backends] + [("triton", bq) for bq in block_q]
     results = {}
-    for name, bq in runs:
+    for name, bq in [(b, None) for b in backends] + [("triton", tuple(bq)) for bq in block_q]:
+        key = name if bq is None else f"triton_bq{bq[0]}_{bq[1]}"
+        if name == "triton" and device.type == "cpu" and not _interpret_env():
+            results[key] = {"skipped": "triton on CPU runs only under TRITON_INTERPRET=1"}
+            continue
         saved = (FWD_BLOCK_Q, BWD_BLOCK_Q)
         if bq is not None:
             FWD_BLOCK_Q, BWD_BLOCK_Q = bq
+
+        def fwd(name=name):
+            return multi_scale_deformable_attn(value, shapes, loc, attn, backend=name)
+
+        def step():
+            value.grad = loc.grad = attn.grad = None
+            fwd().sum().backward()
+
         try:
-            for _ in range(2):  # compile + warm up
-                multi_scale_deformable_attn(value, shapes, loc, attn, backend=name).sum().backward()
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            for _ in range(iters):
-                multi_scale_deformable_attn(value, shapes, loc, attn, backend=name).sum().backward()
-            t1.record()
-            torch.cuda.synchronize(device)
-            key = name if bq is None else f"triton_bq{bq[0]}_{bq[1]}"
-            results[key] = {"fwd_bwd_ms": t0.elapsed_time(t1) / iters,
-                            "peak_extra_gb": (torch.cuda.max_memory_allocated(device) - base) / 1e9}
+            step()  # compile + warm up
+            step()
+            peak = None
+            if device.type == "cuda":
+                value.grad = loc.grad = attn.grad = None
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                step()
+                torch.cuda.synchronize(device)
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9
+            results[key] = {"fwd_ms": _time_ms(fwd, device, iters), "fwd_bwd_ms": _time_ms(step, device, iters),
+                            "peak_extra_gb": peak,
+                            "saved_gb": saved_bytes(name, bv, q, m, d, shapes, n_points, value.element_size()) / 1e9
+                            if name in ("pytorch", "triton") else None}
         finally:
             FWD_BLOCK_Q, BWD_BLOCK_Q = saved
     return results

@@ -133,6 +133,9 @@ def test_single_query_many_heads_levels_points_odd_channels(interpret):
         torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
         for g, w in zip(got_g, want_g):
             torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=1e-5)
+    value, loc, attn = (t.float() for t in make_inputs(bv=1, q=0, m=2, d=3, npt=1))  # no query at all
+    out, grads = run(mt.msda_triton, value, loc, attn, ODD, torch.zeros(1, 0, 6))
+    assert out.shape == (1, 0, 6) and grads[0].shape == value.shape and not grads[0].any()
 
 
 def test_value_without_grad_skips_atomics(interpret):

@@ -15,7 +15,7 @@ Kernels (one program per (query block, head, batch row); ``grid = (cdiv(Q, BLOCK
 * backward: the same walk with ``grad_out`` held in registers; per corner one reduction over D gives
   ``<grad_out, v>`` from which the gradients of the weight and of both coordinates follow without atomics
   (one program owns a (query, head)); ``grad_value`` is scattered with relaxed fp32 atomics into an fp32
-  buffer (cast to the value dtype at the end).
+  buffer (cast to the value dtype at the end), so its summation order, like mmcv's, is not deterministic.
 
 Saved for backward: ``value`` (its own dtype), ``sampling_locations`` and ``attention_weights`` (fp32), and a
 (L, 3) int32 level table: nothing per level, nothing of size Q*P*D.
@@ -275,9 +275,11 @@ class MSDATritonFunction(torch.autograd.Function):
         out = torch.empty(bv, q, m, d, dtype=torch.float32, device=value.device)
         block_d = triton.next_power_of_2(d)
         bq = block_q(block_d, value.element_size(), backward=False)
+        ctx.save_for_backward(value, levels, loc, attn)
+        if out.numel() == 0:  # no queries (or batch rows): nothing to launch
+            return out.view(bv, q, m * d)
         fwd[_grid(q, m, bv, bq)](value, levels, loc, attn, out, s, q, m, D=d, L=n_lvl, P=n_pt, BLOCK_Q=bq,
                                  BLOCK_D=block_d, num_warps=NUM_WARPS)
-        ctx.save_for_backward(value, levels, loc, attn)
         return out.view(bv, q, m * d)
 
     @staticmethod
@@ -295,6 +297,8 @@ class MSDATritonFunction(torch.autograd.Function):
         grad_attn = torch.empty_like(attn)
         block_d = triton.next_power_of_2(d)
         bq = block_q(block_d, value.element_size(), backward=True)
+        if grad_out.numel() == 0:
+            return grad_value.to(value.dtype) if need_value else None, None, grad_loc.zero_(), grad_attn.zero_()
         bwd[_grid(q, m, bv, bq)](value, levels, loc, attn, grad_out, grad_value, grad_loc, grad_attn, s, q, m,
                                  D=d, L=n_lvl, P=n_pt, BLOCK_Q=bq, BLOCK_D=block_d, GRAD_VALUE=need_value,
                                  num_warps=NUM_WARPS)

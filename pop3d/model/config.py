@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-AttentionBackend = Literal["auto", "pytorch", "mmcv"]
+AttentionBackend = Literal["auto", "pytorch", "triton", "mmcv"]  # = pop3d.model.msda.BACKENDS
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 _POSITIVE_INTS = ("tpv_h", "tpv_w", "tpv_z", "dim", "levels", "num_layers", "num_heads", "ffn_dim",

@@ -1,0 +1,209 @@
+"""Sample order that does not depend on the process count, and resume that skips at the tar level.
+
+Training (batch size 1 per process). A global optimiser step consumes ``S = world * grad_accum`` *slots*.
+At epoch ``e`` the shard list is shuffled with the seed ``(seed, e)`` (the same on every rank); slot ``j``
+reads the shards ``shuffled[j::S]`` one after another, samples in tar order. Step ``p`` of the epoch takes
+sample ``p`` of every slot; micro-step ``a`` of rank ``r`` reads slot ``j = r * accum + a``. So one process
+with ``grad_accum=2`` and two processes with ``grad_accum=1`` see the same global batches, and the sample of
+``(epoch, step, slot)`` is a function of the manifest alone: a resumed run starts at the right shard and
+sample by arithmetic, opening only the shard it needs and seeking over tar headers (nothing decoded).
+
+Steps per epoch: every slot holds ``floor(K / S)`` or ``ceil(K / S)`` of the K shards, so every slot has at
+least the sum of the ``floor(K / S)`` smallest shard counts; that many steps per epoch, in every epoch and
+on every rank (fewer than ``N / S`` only by the shards that do not divide evenly).
+
+Evaluation: rank ``r`` of ``world`` reads the shards ``r::world`` in manifest order; with ``max_samples``
+only the samples whose index in the whole split is below it. Counts summed over ranks equal one process's.
+
+DataLoader workers: worker ``w`` of ``W`` produces items ``w, w + W, ...`` of the rank's item list, which is
+the order in which the DataLoader hands them out (round robin), so the order does not depend on ``W``
+either; each item carries its tag, and :func:`check_order` lets the consumer verify it.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+#: One unit of work: (shard path, sample index inside the shard, tag handed back with the batch).
+Item = tuple[str, int, tuple]
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from ``parts`` (e.g. seed, epoch, sample token, purpose); the same on every machine."""
+    digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def epoch_shard_order(urls: Sequence[str], seed: int, epoch: int) -> list[str]:
+    """The shard order of ``epoch`` (seeded by (seed, epoch) only)."""
+    order = list(urls)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def steps_per_epoch(counts: Sequence[int], n_slots: int) -> int:
+    """Steps every slot can serve in every epoch: the sum of the ``floor(K / S)`` smallest shard counts."""
+    per_slot = len(counts) // n_slots
+    return sum(sorted(counts)[:per_slot])
+
+
+def check_slots(n_shards: int, n_slots: int, where: str) -> None:
+    if n_shards < n_slots:
+        raise ValueError(
+            f"{where}: {n_shards} training shard(s) for {n_slots} slots (processes x grad_accum_steps); every "
+            "slot reads its own shards: rebuild the shards with a smaller --samples-per-shard, or use fewer "
+            "processes / accumulation steps")
+
+
+def train_items(urls: Sequence[str], counts: dict[str, int], *, seed: int, epoch: int, start_step: int,
+                rank: int, world: int, accum: int) -> list[Item]:
+    """The items rank ``rank`` reads in ``epoch`` from step ``start_step`` on, tagged (epoch, step, micro)."""
+    n_slots = world * accum
+    order = epoch_shard_order(urls, seed, epoch)
+    slots = [order[j::n_slots] for j in range(n_slots)]
+    spe = steps_per_epoch([counts[u] for u in urls], n_slots)
+    cums = []
+    for slot in slots:
+        c = [0]
+        for s in slot:
+            c.append(c[-1] + counts[s])
+        cums.append(c)
+    items: list[Item] = []
+    for p in range(start_step, spe):
+        for a in range(accum):
+            j = rank * accum + a
+            i = bisect.bisect_right(cums[j], p) - 1
+            items.append((slots[j][i], p - cums[j][i], (epoch, p, a)))
+    return items
+
+
+def eval_items(urls: Sequence[str], counts: dict[str, int], *, rank: int, world: int,
+               max_samples: int | None = None) -> list[Item]:
+    """Rank ``rank``'s evaluation items: its shards ``rank::world``, samples with split index < max_samples."""
+    items: list[Item] = []
+    start = 0
+    for k, u in enumerate(urls):
+        n = counts[u]
+        if k % world == rank:
+            for i in range(n):
+                if max_samples is None or start + i < max_samples:
+                    items.append((u, i, (start + i,)))
+        start += n
+    return items
+
+
+def check_order(tag: tuple, expected: tuple) -> None:
+    if tuple(tag) != tuple(expected):
+        raise RuntimeError(f"data order: got item {tuple(tag)}, expected {tuple(expected)} (loader out of order)")
+
+
+class _ShardIndex:
+    """Random access to the samples of one tar shard: the headers are read once (seeking over the data),
+    then a sample's members are read on request. Nothing is decoded here."""
+
+    def __init__(self, path: str, expected: int | None) -> None:
+        from shards.loader import ShardReadError, _check_tar_end
+
+        self.path = path
+        _check_tar_end(path)
+        try:
+            self.tar = tarfile.open(path, mode="r:")
+            groups: dict[str, list[tarfile.TarInfo]] = {}
+            for ti in self.tar.getmembers():
+                if not ti.isreg():
+                    continue
+                key, dot, _ = os.path.basename(ti.name).partition(".")
+                if dot:
+                    groups.setdefault(key, []).append(ti)
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            raise ShardReadError(f"{path}: cannot read shard: {type(exn).__name__}: {exn}") from exn
+        self.samples = list(groups.items())
+        if expected is not None and len(self.samples) != expected:
+            raise ShardReadError(f"{path}: shard holds {len(self.samples)} samples, the manifest says {expected}")
+
+    def read(self, index: int) -> dict[str, Any]:
+        from shards.loader import ShardReadError
+        from shards.schema import check_fields
+
+        if not 0 <= index < len(self.samples):
+            raise ShardReadError(f"{self.path}: no sample #{index} ({len(self.samples)} samples)")
+        key, members = self.samples[index]
+        sample: dict[str, Any] = {"__key__": key, "__url__": self.path}
+        try:
+            for ti in members:
+                fld = os.path.basename(ti.name).partition(".")[2]
+                if fld in sample:
+                    raise ShardReadError(f"{self.path}: sample {key}: duplicate member {ti.name}")
+                sample[fld] = self.tar.extractfile(ti).read()
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            raise ShardReadError(f"{self.path}: sample {key}: cannot read: {type(exn).__name__}: {exn}") from exn
+        check_fields(sample, self.path)
+        return sample
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+class PlannedSamples(IterableDataset):
+    """Yields the batch dict (batch size 1) of each planned item, decoded by ``shards.loader.process_sample``,
+    with ``batch["order"]`` = the item's tag. Workers split the items round robin (see the module doc)."""
+
+    def __init__(self, counts: dict[str, int], grid, with_eval_gt: bool) -> None:
+        self.counts, self.grid, self.with_eval_gt = counts, grid, with_eval_gt
+        self.items: list[Item] = []
+
+    def set_items(self, items: list[Item]) -> None:
+        self.items = list(items)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from shards.loader import collate, process_sample
+
+        info = get_worker_info()
+        w, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        current: _ShardIndex | None = None
+        try:
+            for url, index, tag in self.items[w::n_workers]:
+                if current is None or current.path != url:
+                    if current is not None:
+                        current.close()
+                    current = _ShardIndex(url, self.counts.get(url))
+                batch = collate([process_sample(current.read(index), self.grid, self.with_eval_gt)])
+                batch["order"] = tag
+                yield batch
+        finally:
+            if current is not None:
+                current.close()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def planned_loader(dataset: PlannedSamples, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset`` (set its items before each ``iter``; workers are not persistent)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def eval_loader(source: str, split: str, grid, *, rank: int = 0, world: int = 1, num_workers: int = 0,
+                max_samples: int | None = None) -> DataLoader:
+    """This rank's share of an evaluation split (needs the manifest's sample counts)."""
+    from shards.loader import list_shards
+
+    urls, counts = list_shards(source, split)
+    if not counts:
+        raise ValueError(f"{source}: split {split!r} has no manifest.json with sample counts (scripts/"
+                         "build_shards.py writes one); multi-process evaluation needs it")
+    ds = PlannedSamples(counts, grid, with_eval_gt=True)
+    ds.set_items(eval_items(urls, counts, rank=rank, world=world, max_samples=max_samples))
+    return planned_loader(ds, num_workers)

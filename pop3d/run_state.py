@@ -39,17 +39,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """JSON to ``path`` via a temporary file in the same folder, fsync, rename."""
-    from teacher.weights_io import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=1, allow_nan=False))
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def _json_safe(x: Any) -> Any:
     """Replace non-finite floats (JSON has none) by tagged strings; :func:`_json_restore` undoes it."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -225,9 +214,8 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
             dropped += 1
     from teacher.weights_io import atomic_path
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
     return dropped

@@ -3,7 +3,10 @@
 
 Single process:   python scripts/train.py --config configs/tiny.yaml
 Multi-GPU/node:   accelerate launch --num_processes 8 scripts/train.py --config configs/pop3d_12ep.yaml
-Resume:           add --resume (continues from the newest complete checkpoint in train.output_dir)
+Several nodes:    see README "Several nodes (SLURM)" (one `accelerate launch` per node, --machine_rank)
+Resume:           add --resume (continues exactly from the newest complete checkpoint in train.output_dir;
+                  safetensors + JSON only, nothing unpickled; starts fresh when there is none)
+Watch:            tensorboard --logdir <train.output_dir>/tensorboard
 Override keys:    --set train.max_steps=20 --set data.shards=data/shards
 """
 from __future__ import annotations

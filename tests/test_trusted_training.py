@@ -91,7 +91,7 @@ def test_stable_seed_is_fixed_and_distinct():
 
 
 def test_resume_skips_at_the_tar_level_without_decoding(shard_root, monkeypatch):
-    import shards.loader as loader
+    from shards import loader
     from shards.geometry import GridSpec
     from shards.order import PlannedSamples, planned_loader
 
@@ -226,7 +226,7 @@ def test_paper_recipe_defaults():
 def test_training_loop_recipe(shard_root, tmp_path, monkeypatch):
     """LR of each group at every step (timm cosine with warm-up, backbone at 0.1x, written out here), AdamW
     wd 0.01 betas (0.9, 0.999), clipping to 35 under large gradients, model and dropout in train mode."""
-    import pop3d.training as training
+    from pop3d import training
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"data.shards={shard_root}", f"train.output_dir={tmp_path}", "data.num_workers=0", "train.max_steps=3",
@@ -274,5 +274,5 @@ def test_training_loop_recipe(shard_root, tmp_path, monkeypatch):
             backbone = {n.startswith("img_backbone.") for n in names}
             assert len(backbone) == 1  # a group is all-backbone or backbone-free
             base = 2e-3 * (0.1 if backbone.pop() else 1.0)
-            assert got_lr == pytest.approx(lr(k - 1, base), rel=1e-12), (k, names and sorted(names)[0])
+            assert got_lr == pytest.approx(lr(k - 1, base), rel=1e-12), (k, names and min(names))
             assert (wd, tuple(betas), eps) == (0.01, (0.9, 0.999), 1e-8)

@@ -245,7 +245,7 @@ def step_record(result: StepResult, accelerator, optimizer, step: int, epoch: in
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, step: int, epoch: int,
-                    best: dict[str, Any] | None, keep: int) -> None:
+                    best: dict[str, Any] | None, keep: int, slots: int) -> None:
     """Rank 0 writes the checkpoint folder, then deletes all but the newest ``keep`` and the best one."""
     from pop3d.run_state import checkpoint_dir, prune_checkpoints, save_run_state
 
@@ -255,12 +255,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, ste
         save_run_state(checkpoint_dir(out_dir, step), model_state=accelerator.unwrap_model(model).state_dict(),
                        optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
                        scaler_state=scaler.state_dict() if scaler is not None else None, step=step, epoch=epoch,
-                       extra={"best": best})
+                       extra={"best": best, "slots": slots})
         prune_checkpoints(out_dir, keep, {best["step"]} if best else set())
     accelerator.wait_for_everyone()
 
 
-def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: Path) -> tuple[int, dict | None]:
+def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: Path, slots: int
+            ) -> tuple[int, dict | None]:
     """Load the newest checkpoint (if any); cut log.jsonl back to its step. Returns (step, best)."""
     from pop3d.run_state import list_checkpoints, load_run_state, truncate_log
 
@@ -270,6 +271,9 @@ def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: P
         return 0, None
     state = load_run_state(ckpts[-1], accelerator.unwrap_model(model), optimizer, scheduler,
                            getattr(accelerator, "scaler", None))
+    if state.get("slots") not in (None, slots):
+        raise ValueError(f"{ckpts[-1]}: written with a global batch of {state['slots']} (processes x "
+                         f"grad_accum_steps), this run has {slots}: set train.grad_accum_steps so that they match")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dropped = truncate_log(log_path, state["step"])
@@ -324,7 +328,18 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     data = TrainData(cfg, accelerator.process_index, world)
     spe = data.steps_per_epoch
     total_steps = spe * tc.epochs if tc.max_steps is None else min(spe * tc.epochs, tc.max_steps)
-    prompts = validation_prompts(cfg) if tc.val_every_epochs else None
+    prompts = None
+    if tc.val_every_epochs:  # fail now, not after the first epoch
+        from shards.loader import list_shards
+
+        try:
+            if not list_shards(cfg.data.shards, cfg.data.val_split)[1]:
+                raise ValueError("no manifest.json with sample counts")
+        except ValueError as exc:
+            raise ValueError(f"validation (train.val_every_epochs={tc.val_every_epochs}) needs the split "
+                             f"{cfg.data.val_split!r} of {cfg.data.shards}: {exc}; set data.val_split or "
+                             "train.val_every_epochs=0") from exc
+        prompts = validation_prompts(cfg)
 
     # 2. models, optimiser, schedule; then the checkpoint, if resuming
     model, teacher = build_models(cfg, accelerator.device)
@@ -332,7 +347,9 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     scheduler = build_scheduler(optimizer, spe * tc.epochs, tc.warmup_steps, tc.warmup_lr_init, tc.lr_min)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: saved as JSON
     run_log = RunLog(out_dir, accelerator)
-    step, best = restore(accelerator, model, optimizer, scheduler, out_dir, run_log.path) if resume else (0, None)
+    slots = world * tc.grad_accum_steps
+    step, best = (restore(accelerator, model, optimizer, scheduler, out_dir, run_log.path, slots) if resume
+                  else (0, None))
     accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1}})
 
     accelerator.print(
@@ -367,7 +384,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                     best = {"step": step, "miou": metrics["val/miou"]}
             if step % tc.save_every == 0 or epoch_end or step == total_steps:
                 save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, step, epoch, best,
-                                tc.keep_checkpoints)
+                                tc.keep_checkpoints, slots)
             if step >= total_steps:
                 break
     bar.close()

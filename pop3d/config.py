@@ -38,7 +38,8 @@ class DataConfig:
     val_split: str = "val"
     num_workers: int = 2
     shuffle_buffer: int = 0
-    """Samples held for shuffling inside a worker (0: shard-level shuffling only)."""
+    """Training: shuffle each slot's samples inside blocks of this many consecutive positions, across shard
+    boundaries (0: shard-level shuffling only). Seeded by (seed, epoch): resume and process count unaffected."""
     student_image_hw: tuple[int, int] | None = None
     """Resize the six images to (H, W) for the student (None: original size, as the paper). ``lidar2img``
     is rescaled to match; the teacher always gets the original images."""
@@ -48,9 +49,6 @@ class DataConfig:
     def validate(self) -> None:
         _check_int(self, "num_workers", lo=0)
         _check_int(self, "shuffle_buffer", lo=0)
-        if self.shuffle_buffer > 1:
-            raise ValueError("shuffle_buffer: training reads a planned sample order (shards/order.py) with "
-                             "shard-level shuffling only; set 0")
         for name in ("shards", "train_split", "val_split"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: must not be empty")

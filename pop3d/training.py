@@ -127,6 +127,7 @@ class TrainData:
         if not self.counts:
             raise ValueError(f"{d.shards}: no manifest.json with sample counts (scripts/build_shards.py writes it)")
         self.rank, self.world, self.accum, self.seed = rank, world, tc.grad_accum_steps, tc.seed
+        self.shuffle_block = d.shuffle_buffer
         check_slots(len(self.urls), world * self.accum, f"{d.shards} split {d.train_split!r}")
         self.n_samples = sum(self.counts.values())
         self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], world * self.accum)
@@ -139,7 +140,7 @@ class TrainData:
 
         self.dataset.set_items(train_items(self.urls, self.counts, seed=self.seed, epoch=epoch,
                                            start_step=start_step, rank=self.rank, world=self.world,
-                                           accum=self.accum))
+                                           accum=self.accum, shuffle_block=self.shuffle_block))
         it = iter(self.loader)
         for p in range(start_step, self.steps_per_epoch):
             micro = []

@@ -5,7 +5,8 @@ At epoch ``e`` the shard list is shuffled with the seed ``(seed, e)`` (the same 
 reads the shards ``shuffled[j::S]`` one after another, samples in tar order. Step ``p`` of the epoch takes
 sample ``p`` of every slot; micro-step ``a`` of rank ``r`` reads slot ``j = r * accum + a``. So one process
 with ``grad_accum=2`` and two processes with ``grad_accum=1`` see the same global batches, and the sample of
-``(epoch, step, slot)`` is a function of the manifest alone: a resumed run starts at the right shard and
+``(epoch, step, slot)`` is a function of the manifest alone (optionally the samples of a slot are also
+shuffled inside blocks of consecutive positions, seeded the same way): a resumed run starts at the right shard and
 sample by arithmetic, opening only the shard it needs and seeking over tar headers (nothing decoded).
 
 Steps per epoch: every slot holds ``floor(K / S)`` or ``ceil(K / S)`` of the K shards, so every slot has at
@@ -62,13 +63,32 @@ def check_slots(n_shards: int, n_slots: int, where: str) -> None:
             "processes / accumulation steps")
 
 
+def block_permutation(n: int, block: int, seed: int, epoch: int, slot: int) -> list[int]:
+    """Position p -> the position it reads: a seeded permutation inside each block of ``block`` consecutive
+    positions (``block`` <= 1: identity). Seeded by (seed, epoch, slot, block index) only."""
+    if block <= 1:
+        return list(range(n))
+    out: list[int] = []
+    for start in range(0, n, block):
+        idx = list(range(start, min(start + block, n)))
+        random.Random(f"blk/{seed}/{epoch}/{slot}/{start // block}").shuffle(idx)
+        out.extend(idx)
+    return out
+
+
 def train_items(urls: Sequence[str], counts: dict[str, int], *, seed: int, epoch: int, start_step: int,
-                rank: int, world: int, accum: int) -> list[Item]:
-    """The items rank ``rank`` reads in ``epoch`` from step ``start_step`` on, tagged (epoch, step, micro)."""
+                rank: int, world: int, accum: int, shuffle_block: int = 0) -> list[Item]:
+    """The items rank ``rank`` reads in ``epoch`` from step ``start_step`` on, tagged (epoch, step, micro).
+
+    ``shuffle_block`` > 1 also shuffles the samples of each slot inside blocks of that many consecutive
+    positions (across shard boundaries); still a function of (seed, epoch, slot), so resume stays arithmetic.
+    """
     n_slots = world * accum
     order = epoch_shard_order(urls, seed, epoch)
     slots = [order[j::n_slots] for j in range(n_slots)]
     spe = steps_per_epoch([counts[u] for u in urls], n_slots)
+    perms = {rank * accum + a: block_permutation(spe, shuffle_block, seed, epoch, rank * accum + a)
+             for a in range(accum)}
     cums = []
     for slot in slots:
         c = [0]
@@ -79,8 +99,9 @@ def train_items(urls: Sequence[str], counts: dict[str, int], *, seed: int, epoch
     for p in range(start_step, spe):
         for a in range(accum):
             j = rank * accum + a
-            i = bisect.bisect_right(cums[j], p) - 1
-            items.append((slots[j][i], p - cums[j][i], (epoch, p, a)))
+            q = perms[j][p]
+            i = bisect.bisect_right(cums[j], q) - 1
+            items.append((slots[j][i], q - cums[j][i], (epoch, p, a)))
     return items
 
 
@@ -155,6 +176,8 @@ class PlannedSamples(IterableDataset):
     """Yields the batch dict (batch size 1) of each planned item, decoded by ``shards.loader.process_sample``,
     with ``batch["order"]`` = the item's tag. Workers split the items round robin (see the module doc)."""
 
+    max_open = 4
+
     def __init__(self, counts: dict[str, int], grid, with_eval_gt: bool) -> None:
         self.counts, self.grid, self.with_eval_gt = counts, grid, with_eval_gt
         self.items: list[Item] = []
@@ -167,19 +190,19 @@ class PlannedSamples(IterableDataset):
 
         info = get_worker_info()
         w, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        current: _ShardIndex | None = None
+        open_shards: dict[str, _ShardIndex] = {}  # a few, most recent last (block shuffling alternates)
         try:
             for url, index, tag in self.items[w::n_workers]:
-                if current is None or current.path != url:
-                    if current is not None:
-                        current.close()
-                    current = _ShardIndex(url, self.counts.get(url))
-                batch = collate([process_sample(current.read(index), self.grid, self.with_eval_gt)])
+                shard = open_shards.pop(url, None) or _ShardIndex(url, self.counts.get(url))
+                open_shards[url] = shard
+                if len(open_shards) > self.max_open:
+                    open_shards.pop(next(iter(open_shards))).close()
+                batch = collate([process_sample(shard.read(index), self.grid, self.with_eval_gt)])
                 batch["order"] = tag
                 yield batch
         finally:
-            if current is not None:
-                current.close()
+            for shard in open_shards.values():
+                shard.close()
 
     def __len__(self) -> int:
         return len(self.items)

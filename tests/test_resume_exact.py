@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 
 def _train_cmd(shard_root: str, out: Path, *extra: str) -> list[str]:
     sets = [f"data.shards={shard_root}", f"train.output_dir={out}", "train.epochs=2", "train.save_every=3",
-            "train.log_every=1", "train.warmup_steps=2", *extra]
+            "train.log_every=1", "train.warmup_steps=2", "data.shuffle_buffer=3", *extra]
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
             *[x for s in sets for x in ("--set", s)]]
 

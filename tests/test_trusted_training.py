@@ -25,24 +25,25 @@ def _fake_shards(sizes):
     return urls, dict(zip(urls, sizes))
 
 
-def _global_batches(urls, counts, world, accum, epoch, start=0):
+def _global_batches(urls, counts, world, accum, epoch, start=0, block=0):
     """{step: sorted (shard, index) of the whole global batch} from every rank's items."""
     out: dict[int, list] = {}
     for r in range(world):
         for url, idx, (e, p, a) in train_items(urls, counts, seed=7, epoch=epoch, start_step=start, rank=r,
-                                               world=world, accum=accum):
+                                               world=world, accum=accum, shuffle_block=block):
             assert e == epoch
             out.setdefault(p, []).append((url, idx))
     return {p: sorted(v) for p, v in out.items()}
 
 
 @pytest.mark.parametrize("sizes", [[4] * 8, [5, 5, 5, 3, 5, 5, 2, 5, 5]])
-def test_same_global_batches_on_1_2_4_processes(sizes):
+@pytest.mark.parametrize("block", [0, 3])
+def test_same_global_batches_on_1_2_4_processes(sizes, block):
     urls, counts = _fake_shards(sizes)
     for epoch in (0, 3):
-        ref = _global_batches(urls, counts, 1, 4, epoch)
-        assert _global_batches(urls, counts, 2, 2, epoch) == ref
-        assert _global_batches(urls, counts, 4, 1, epoch) == ref
+        ref = _global_batches(urls, counts, 1, 4, epoch, block=block)
+        assert _global_batches(urls, counts, 2, 2, epoch, block=block) == ref
+        assert _global_batches(urls, counts, 4, 1, epoch, block=block) == ref
         used = Counter(x for batch in ref.values() for x in batch)
         assert max(used.values()) == 1  # no sample twice in an epoch
         assert all(len(b) == 4 for b in ref.values())
@@ -63,15 +64,30 @@ def test_steps_per_epoch_under_n_processes():
         assert len(items) == 54 * 64 + 34
 
 
-def test_resumed_order_is_the_tail_of_the_full_order():
+@pytest.mark.parametrize("block", [0, 4])
+def test_resumed_order_is_the_tail_of_the_full_order(block):
     urls, counts = _fake_shards([3, 4, 5, 4, 3])
     for world, accum in ((1, 1), (1, 2), (2, 1)):
         for rank in range(world):
-            full = train_items(urls, counts, seed=1, epoch=1, start_step=0, rank=rank, world=world, accum=accum)
+            full = train_items(urls, counts, seed=1, epoch=1, start_step=0, rank=rank, world=world, accum=accum,
+                               shuffle_block=block)
             for k in (1, 3, 5):
                 tail = train_items(urls, counts, seed=1, epoch=1, start_step=k, rank=rank, world=world,
-                                   accum=accum)
+                                   accum=accum, shuffle_block=block)
                 assert tail == full[k * accum:]
+
+
+def test_block_shuffle_mixes_across_shards_within_blocks():
+    from shards.order import block_permutation
+
+    perm = block_permutation(10, 4, seed=0, epoch=0, slot=0)
+    assert sorted(perm) == list(range(10))
+    assert [sorted(perm[i:i + 4]) for i in (0, 4, 8)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert perm != list(range(10)) and perm != block_permutation(10, 4, seed=0, epoch=1, slot=0)
+    urls, counts = _fake_shards([2] * 6)  # one slot: 12 positions over 6 shards, blocks of 6 span 3 shards
+    items = train_items(urls, counts, seed=0, epoch=0, start_step=0, rank=0, world=1, accum=1, shuffle_block=6)
+    first_block = [u for u, _, _ in items[:6]]
+    assert len(set(first_block)) == 3 and first_block != sorted(first_block, key=first_block.index)
 
 
 def test_eval_items_split_shards_and_respect_max_samples():

@@ -133,9 +133,19 @@ class _ShardIndex:
         from shards.loader import ShardReadError, _check_tar_end
 
         self.path = path
-        _check_tar_end(path)
+        self._file = None
         try:
-            self.tar = tarfile.open(path, mode="r:")
+            if "://" in path:  # http(s)://, s3://, ... through fsspec: random access by range requests
+                import fsspec
+
+                self._file = fsspec.open(path, "rb").open()
+                self.tar = tarfile.open(fileobj=self._file, mode="r:")
+            elif path.startswith("pipe:"):
+                raise ShardReadError(f"{path}: training and evaluation read shards by random access; a pipe: "
+                                     "source cannot seek (use a local folder or an http(s)/fsspec URL)")
+            else:
+                _check_tar_end(path)
+                self.tar = tarfile.open(path, mode="r:")
             groups: dict[str, list[tarfile.TarInfo]] = {}
             for ti in self.tar.getmembers():
                 if not ti.isreg():
@@ -170,6 +180,8 @@ class _ShardIndex:
 
     def close(self) -> None:
         self.tar.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class PlannedSamples(IterableDataset):

@@ -187,3 +187,21 @@ def test_eval_on_two_processes_gives_the_one_process_numbers(shard_root, tmp_pat
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["samples"] == two["samples"] == 3
     assert one == two
+
+
+def test_resume_on_another_process_count_with_the_same_global_batch(shard_root, tmp_path):
+    """Checkpoint from 1 process x accum 2, resumed on 2 processes x accum 1: no RNG state is needed, the run
+    continues as if uninterrupted (up to the all-reduce's summation order)."""
+    ref, split = tmp_path / "ref", tmp_path / "split"
+    base = ("train.epochs=2", "data.num_workers=0", "train.val_every_epochs=0")
+    _run(_train_cmd(shard_root, ref, *base, "train.grad_accum_steps=2"))
+    _run(_train_cmd(shard_root, split, *base, "train.grad_accum_steps=2", "train.max_steps=2"))
+    _run(_launch_cmd(2, 29547, "train.py", *_train_cmd(shard_root, split, *base)[2:], "--resume"))
+    r1 = [r for r in _records(ref) if "total" in r]
+    r2 = [r for r in _records(split) if "total" in r]
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == [1, 2, 3, 4]
+    for a, b in zip(r1, r2):
+        assert a["total"] == pytest.approx(b["total"], rel=1e-5), (a["step"], a["total"], b["total"])
+    wa, wb = _weights(ref / "student.safetensors"), _weights(split / "student.safetensors")
+    worst = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa if wa[k].is_floating_point())
+    assert worst < 1e-4, worst

@@ -43,6 +43,10 @@ log = logging.getLogger("pop3d.train")
 LOSS_NAMES = ("total", "lovasz", "ce", "feature")
 
 
+class TrainSetupError(ValueError):
+    """A run that cannot start as configured (data, output folder, checkpoint); the message says what to do."""
+
+
 # ---- model pieces -----------------------------------------------------------------------------------------
 def build_student(cfg: RunConfig):
     from pop3d.model.tpvformer import TPVFormer
@@ -125,10 +129,14 @@ class TrainData:
         d, tc = cfg.data, cfg.train
         self.urls, self.counts = list_shards(d.shards, d.train_split)
         if not self.counts:
-            raise ValueError(f"{d.shards}: no manifest.json with sample counts (scripts/build_shards.py writes it)")
+            raise TrainSetupError(f"{d.shards}: no manifest.json with sample counts (scripts/build_shards.py "
+                                  "writes it)")
         self.rank, self.world, self.accum, self.seed = rank, world, tc.grad_accum_steps, tc.seed
         self.shuffle_block = d.shuffle_buffer
-        check_slots(len(self.urls), world * self.accum, f"{d.shards} split {d.train_split!r}")
+        try:
+            check_slots(len(self.urls), world * self.accum, f"{d.shards} split {d.train_split!r}")
+        except ValueError as exc:
+            raise TrainSetupError(str(exc)) from exc
         self.n_samples = sum(self.counts.values())
         self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], world * self.accum)
         self.dataset = PlannedSamples(self.counts, grid_spec_of(cfg), with_eval_gt=False)
@@ -273,7 +281,7 @@ def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: P
     state = load_run_state(ckpts[-1], accelerator.unwrap_model(model), optimizer, scheduler,
                            getattr(accelerator, "scaler", None))
     if state.get("slots") not in (None, slots):
-        raise ValueError(f"{ckpts[-1]}: written with a global batch of {state['slots']} (processes x "
+        raise TrainSetupError(f"{ckpts[-1]}: written with a global batch of {state['slots']} (processes x "
                          f"grad_accum_steps), this run has {slots}: set train.grad_accum_steps so that they match")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -319,6 +327,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
+    from pop3d.run_state import list_checkpoints
+
+    if not resume and list_checkpoints(out_dir):
+        raise TrainSetupError(f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
+                              "choose another train.output_dir")
     accelerator = make_accelerator(cfg)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     if is_main:
@@ -337,7 +350,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
             if not list_shards(cfg.data.shards, cfg.data.val_split)[1]:
                 raise ValueError("no manifest.json with sample counts")
         except ValueError as exc:
-            raise ValueError(f"validation (train.val_every_epochs={tc.val_every_epochs}) needs the split "
+            raise TrainSetupError(f"validation (train.val_every_epochs={tc.val_every_epochs}) needs the split "
                              f"{cfg.data.val_split!r} of {cfg.data.shards}: {exc}; set data.val_split or "
                              "train.val_every_epochs=0") from exc
         prompts = validation_prompts(cfg)

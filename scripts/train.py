@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
-    from pop3d.training import train
+    from pop3d.training import TrainSetupError, train
 
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except TrainSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -292,3 +292,16 @@ def test_training_loop_recipe(shard_root, tmp_path, monkeypatch):
             base = 2e-3 * (0.1 if backbone.pop() else 1.0)
             assert got_lr == pytest.approx(lr(k - 1, base), rel=1e-12), (k, names and min(names))
             assert (wd, tuple(betas), eps) == (0.01, (0.9, 0.999), 1e-8)
+
+
+def test_fresh_start_over_an_existing_run_is_refused(tmp_path):
+    from pop3d.run_state import checkpoint_dir, save_run_state
+
+    save_run_state(checkpoint_dir(tmp_path, 5), model_state={"w": torch.zeros(1)},
+                   optimizer_state={"state": {}, "param_groups": []}, scheduler_state={}, scaler_state=None,
+                   step=5, epoch=0)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
+                           str(ROOT / "configs" / "tiny.yaml"), "--set", f"train.output_dir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "pass --resume" in proc.stderr and "Traceback" not in proc.stderr
+    assert checkpoint_dir(tmp_path, 5).is_dir()

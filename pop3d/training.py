@@ -222,6 +222,32 @@ def validate(model, cfg: RunConfig, accelerator, prompts) -> dict[str, float]:
             "val/points_miou": pts["miou_present"], "val/samples": m.samples}
 
 
+def validation_setup(cfg: RunConfig):
+    """Check the val split now (not after the first epoch) and return the prompts validation scores with."""
+    from shards.loader import list_shards
+
+    try:
+        if not list_shards(cfg.data.shards, cfg.data.val_split)[1]:
+            raise ValueError("no manifest.json with sample counts")
+    except ValueError as exc:
+        raise TrainSetupError(f"validation (train.val_every_epochs={cfg.train.val_every_epochs}) needs the split "
+                              f"{cfg.data.val_split!r} of {cfg.data.shards}: {exc}; set data.val_split or "
+                              "train.val_every_epochs=0") from exc
+    return validation_prompts(cfg)
+
+
+def validate_and_log(model, cfg: RunConfig, accelerator, prompts, run_log, step: int, epoch: int,
+                     best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validation at an epoch end: log the metrics, put the model back in train mode, return the new best."""
+    metrics = validate(model, cfg, accelerator, prompts)
+    model.train()
+    run_log.write({"step": step, "epoch": epoch, **metrics})
+    accelerator.print(f"validation after epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if best is None or metrics["val/miou"] > best["miou"]:  # NaN (no class present) never becomes the best
+        best = {"step": step, "miou": metrics["val/miou"]}
+    return best
+
+
 # ---- logging ---------------------------------------------------------------------------------------------------
 class RunLog:
     """log.jsonl (rank 0), the Python log and accelerate's trackers (TensorBoard)."""
@@ -267,6 +293,20 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, ste
                        extra={"best": best, "slots": slots})
         prune_checkpoints(out_dir, keep, {best["step"]} if best else set())
     accelerator.wait_for_everyone()
+
+
+def check_output_dir(out_dir: Path, resume: bool) -> None:
+    """A fresh start must not mix with an earlier run's checkpoints; a log without any checkpoint (a run killed
+    before its first save) is emptied."""
+    from pop3d.run_state import list_checkpoints, truncate_log
+
+    if resume:
+        return
+    if list_checkpoints(out_dir):
+        raise TrainSetupError(f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
+                              "choose another train.output_dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        truncate_log(out_dir / "log.jsonl", 0)
 
 
 def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: Path, slots: int
@@ -327,33 +367,18 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
-    from pop3d.run_state import list_checkpoints
-
-    if not resume and list_checkpoints(out_dir):
-        raise TrainSetupError(f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
-                              "choose another train.output_dir")
+    check_output_dir(out_dir, resume)
     accelerator = make_accelerator(cfg)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-    # 1. data plan and schedule (from the manifest: identical on every rank)
+    # 1. data plan and schedule (from the manifest: identical on every rank); validation prompts
     data = TrainData(cfg, accelerator.process_index, world)
     spe = data.steps_per_epoch
     total_steps = spe * tc.epochs if tc.max_steps is None else min(spe * tc.epochs, tc.max_steps)
-    prompts = None
-    if tc.val_every_epochs:  # fail now, not after the first epoch
-        from shards.loader import list_shards
-
-        try:
-            if not list_shards(cfg.data.shards, cfg.data.val_split)[1]:
-                raise ValueError("no manifest.json with sample counts")
-        except ValueError as exc:
-            raise TrainSetupError(f"validation (train.val_every_epochs={tc.val_every_epochs}) needs the split "
-                             f"{cfg.data.val_split!r} of {cfg.data.shards}: {exc}; set data.val_split or "
-                             "train.val_every_epochs=0") from exc
-        prompts = validation_prompts(cfg)
+    prompts = validation_setup(cfg) if tc.val_every_epochs else None
 
     # 2. models, optimiser, schedule; then the checkpoint, if resuming
     model, teacher = build_models(cfg, accelerator.device)
@@ -389,13 +414,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                 bar.set_postfix(loss=f"{rec['total']:.4f}", feat=f"{rec['feature']:.4f}")
             epoch_end = step % spe == 0
             if epoch_end and tc.val_every_epochs and (step // spe) % tc.val_every_epochs == 0:
-                metrics = validate(model, cfg, accelerator, prompts)
-                model.train()
-                run_log.write({"step": step, "epoch": epoch, **metrics})
-                accelerator.print(f"validation after epoch {epoch}: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in metrics.items()))
-                if best is None or metrics["val/miou"] > best["miou"]:
-                    best = {"step": step, "miou": metrics["val/miou"]}
+                best = validate_and_log(model, cfg, accelerator, prompts, run_log, step, epoch, best)
             if step % tc.save_every == 0 or epoch_end or step == total_steps:
                 save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, step, epoch, best,
                                 tc.keep_checkpoints, slots)

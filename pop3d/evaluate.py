@@ -35,6 +35,11 @@ def prompts_from_raw(embeddings: torch.Tensor, raw_ids: torch.Tensor) -> TextPro
     if embeddings.dim() != 2 or raw_ids.shape != (embeddings.shape[0],):
         raise ValueError(f"text embeddings must be (K, C) with K class ids, got {tuple(embeddings.shape)} and "
                          f"{tuple(raw_ids.shape)}")
+    n_raw = len(RAW_TO_NOIGNORE)
+    bad = (raw_ids < 0) | (raw_ids >= n_raw)
+    if bool(bad.any()):
+        raise ValueError(f"text embeddings: class id(s) {sorted(set(raw_ids[bad].tolist()))} outside the raw "
+                         f"lidarseg ids 0..{n_raw - 1}")
     cls = torch.from_numpy(np.asarray(RAW_TO_NOIGNORE)[raw_ids.numpy()].astype(np.int64))
     keep = cls > 0
     return TextPrompts(embeddings[keep].float(), cls[keep], int((~keep).sum()))
@@ -91,12 +96,14 @@ class EvalMeters:
 
 @torch.no_grad()
 def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, student_image_hw=None,
-             normalized_cosine: bool = False, max_samples: int | None = None, progress: bool = True
-             ) -> EvalMeters:
+             normalized_cosine: bool = False, max_samples: int | None = None, progress: bool = True,
+             accelerator=None) -> EvalMeters:
     """Run zero-shot evaluation over ``loader`` (batch size 1).
 
     The student is called as the original evaluation did: features asked at every LiDAR point (grid
-    coordinates, clipped), voxel features on (pipeline.md §4.2).
+    coordinates, clipped), voxel features on (pipeline.md §4.2). Multi-process: give each rank its own share
+    of the split (``shards.order.eval_loader``) and the ``accelerator``: the counts and the sample count are
+    summed over processes (``accelerator.reduce``), so every rank returns the whole split's meters.
     """
     from tqdm.auto import tqdm
 
@@ -124,7 +131,17 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
         if max_samples is not None and meters.samples >= max_samples:
             break
     bar.close()
+    if accelerator is not None and accelerator.num_processes > 1:
+        reduce_meters(meters, accelerator)
     return meters
+
+
+def reduce_meters(meters: EvalMeters, accelerator) -> None:
+    """Sum every meter's counts and the sample count over processes (in place, on every rank)."""
+    dev = accelerator.device
+    for meter in (meters.semantic, meters.occupancy, meters.points):
+        meter.counts = accelerator.reduce(meter.counts.to(dev), reduction="sum").cpu()
+    meters.samples = int(accelerator.reduce(torch.tensor([meters.samples], device=dev), reduction="sum"))
 
 
 def select_text_prompts(text_path: str | None, use_random: bool, feature_dim: int) -> TextPrompts:

@@ -57,13 +57,7 @@ def grid_spec_of(cfg: RunConfig) -> GridSpec:
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move tensors (and lists of tensors) of a batch dict to ``device``; other values pass through."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            out[key] = [v.to(device, non_blocking=True) for v in value]
-        else:
-            out[key] = value
-    return out
+    """Tensors (also inside lists) of a batch dict to ``device``; other values pass through."""
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)

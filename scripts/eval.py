@@ -7,6 +7,10 @@
 Prints the per-class IoU table and writes JSON next to the weights (or --out). ``miou_official`` counts classes
 absent from the GT as IoU 1 (the original's rule, comparable with the published 16.66 on the full val split);
 ``miou_present`` averages the classes present.
+
+``--protocol occ3d`` (or ``both``) scores on Occ3D-nuScenes instead (or as well); see pop3d/occ3d.py:
+
+    python scripts/eval.py ... --protocol both --occ3d-gt /data/occ3d-nuscenes --nuscenes-dataroot /data/nuscenes
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int)
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="JSON results path")
+    from pop3d.occ3d import add_occ3d_arguments  # Occ3D-nuScenes protocol (pop3d/occ3d.py)
+
+    add_occ3d_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
@@ -56,6 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split = args.split or cfg.data.val_split
+    occ3d = None
+    if args.protocol != "pop3d":
+        from pop3d.occ3d import Occ3DError, run_occ3d_protocol
+
+        try:
+            occ3d = run_occ3d_protocol(args, cfg, model, prompts, split, device)
+        except (Occ3DError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.protocol == "occ3d":
+        from pop3d.occ3d import write_occ3d_results
+
+        return write_occ3d_results(args, split, occ3d)
     loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
                          grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
     m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
@@ -69,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("semantic", "occupancy", "points"):
         meter = getattr(m, name)
         results[name] = {**meter.summary(), "iou": dict(zip(meter.names, meter.iou().tolist()))}
+    if occ3d is not None:
+        results["occ3d"] = occ3d
     out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2))

@@ -64,24 +64,37 @@ def _voxel_index(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # semantics
 # ---------------------------------------------------------------------------------------------------------
 
+def _overlaps(box_rot: np.ndarray, half: np.ndarray, centre: np.ndarray, voxel_centres: np.ndarray) -> np.ndarray:
+    """Separating-axis test of one oriented box (ego frame: rotation (3, 3), half sizes (3,), centre (3,)) against
+    axis-aligned voxels (N, 3) of edge VOXEL: (N,) bool, touching counts as overlapping."""
+    e = np.eye(3)
+    b = box_rot.T  # rows: the box axes in the ego frame
+    axes = [*e, *b] + [np.cross(e[i], b[j]) for i in range(3) for j in range(3)]
+    axes = np.array([a for a in axes if np.linalg.norm(a) > 1e-9])
+    r_vox = (VOXEL / 2) * np.abs(axes).sum(1)  # (A,)
+    r_box = (np.abs(axes @ b.T) * half).sum(1)  # (A,)
+    dist = np.abs((centre - voxel_centres) @ axes.T)  # (N, A)
+    return np.all(dist <= r_vox + r_box + 1e-9, axis=1)
+
+
 def _box_semantics(world, local_from_ego: np.ndarray, sem: np.ndarray) -> None:
-    """Write the class of the box covering most sub-points of each voxel into ``sem`` (X, Y, Z)."""
+    """Write box classes into ``sem`` (X, Y, Z): the box covering most of a voxel's 3 x 3 x 3 sub-points, else
+    (thin boxes, surfaces near a voxel face) the first box that overlaps the voxel at all."""
     best = np.zeros(SHAPE, np.int32)
     ego_from_local = np.linalg.inv(local_from_ego)
     subs = np.stack(np.meshgrid(_SUB, _SUB, _SUB, indexing="ij"), -1).reshape(-1, 3) * VOXEL  # (27, 3)
     signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], np.float64)
+    touched: list[tuple[np.ndarray, int]] = []
     for box in world.boxes:
         c, s = np.cos(box.yaw), np.sin(box.yaw)
         rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
         corners = _to(ego_from_local, (signs * box.size / 2) @ rot.T + box.center)
-        lo = np.floor((corners.min(0) - LO) / VOXEL).astype(int).clip(0, np.asarray(SHAPE) - 1)
-        hi = np.floor((corners.max(0) - LO) / VOXEL).astype(int).clip(-1, np.asarray(SHAPE) - 1)
         if np.any(corners.max(0) < LO) or np.any(corners.min(0) >= LO + VOXEL * np.asarray(SHAPE)):
             continue
+        lo = np.floor((corners.min(0) - LO) / VOXEL).astype(int).clip(0, np.asarray(SHAPE) - 1)
+        hi = np.floor((corners.max(0) - LO) / VOXEL).astype(int).clip(0, np.asarray(SHAPE) - 1)
         ii, jj, kk = np.meshgrid(*[np.arange(lo[d], hi[d] + 1) for d in range(3)], indexing="ij")
         idx = np.stack([ii, jj, kk], -1).reshape(-1, 3)
-        if idx.size == 0:
-            continue
         centres = LO + VOXEL * (idx + 0.5)
         pts = _to(local_from_ego, (centres[:, None, :] + subs[None]).reshape(-1, 3)) - box.center
         bx = c * pts[:, 0] + s * pts[:, 1]
@@ -93,22 +106,24 @@ def _box_semantics(world, local_from_ego: np.ndarray, sem: np.ndarray) -> None:
         better = count > best[i, j, k]
         best[i[better], j[better], k[better]] = count[better]
         sem[i[better], j[better], k[better]] = RAW_TO_NOIGNORE[box.cls]
+        ov = _overlaps(ego_from_local[:3, :3] @ rot, half, _to(ego_from_local, box.center[None])[0], centres)
+        touched.append((idx[ov & (count == 0)], int(RAW_TO_NOIGNORE[box.cls])))
+    for idx, cls in touched:
+        i, j, k = idx.T
+        free = sem[i, j, k] == 17
+        sem[i[free], j[free], k[free]] = cls
 
 
 def _ground_semantics(world, local_from_ego: np.ndarray, sem: np.ndarray) -> None:
-    """Free voxels that the ground plane (scene-local z = 0) crosses take the ground class there."""
+    """Free voxels that the ground plane (scene-local z = 0) crosses take the ground class under their centre."""
     R, t = local_from_ego[:3, :3], local_from_ego[:3, 3]
-    x = LO[0] + VOXEL * (np.arange(SHAPE[0]) + 0.5)
-    y = LO[1] + VOXEL * (np.arange(SHAPE[1]) + 0.5)
-    X, Y = np.meshgrid(x, y, indexing="ij")
-    Z = -(t[2] + R[2, 0] * X + R[2, 1] * Y) / R[2, 2]  # ego height of the ground under each column
-    k = np.floor((Z - LO[2]) / VOXEL).astype(np.int64)
-    ok = (k >= 0) & (k < SHAPE[2])
-    p = _to(local_from_ego, np.stack([X[ok], Y[ok], Z[ok]], -1))
-    cls = RAW_TO_NOIGNORE[_ground_class(p[:, 0], p[:, 1], world)]
-    i, j = np.nonzero(ok)
-    free = sem[i, j, k[ok]] == 17
-    sem[i[free], j[free], k[ok][free]] = cls[free]
+    centres = _centres()
+    corner = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], np.float64) * VOXEL / 2
+    zc = centres @ R[2] + t[2]  # scene-local height of each centre (linear: corners differ by constants)
+    dz = corner @ R[2]
+    crosses = (zc + dz.min() <= 0) & (zc + dz.max() >= 0) & (sem.reshape(-1) == 17)
+    p = _to(local_from_ego, centres[crosses])
+    sem.reshape(-1)[np.nonzero(crosses)[0]] = RAW_TO_NOIGNORE[_ground_class(p[:, 0], p[:, 1], world)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,24 +244,28 @@ def scene_labels(root: Path, tables: dict[str, list[dict]], scene_index: int, se
 
 
 def make_synthetic_occ3d(dataroot: str | Path, seed: int | None = None, min_agreement: float = 0.8,
-                         overwrite: bool = False) -> list[Path]:
+                         overwrite: bool = False, out: str | Path | None = None,
+                         scenes: set[str] | None = None) -> list[Path]:
     """Write ``<dataroot>/gts/<scene>/<token>/labels.npz`` for every keyframe of the versions with lidarseg.
 
-    seed: the synthetic generator's seed (default: read from each scene's description). Raises ValueError when
+    seed: the synthetic generator's seed (default: read from each scene's description). out: the ``gts`` folder
+    to write (default ``<dataroot>/gts``); scenes: only these scene names (default all). Raises ValueError when
     the rebuilt world disagrees with the LiDAR labels (fewer than ``min_agreement`` of the returns in voxels of
     their class), FileExistsError when ``gts/`` exists and ``overwrite`` is off. Returns the files written.
     """
     from teacher.weights_io import atomic_path
 
     root = Path(dataroot)
-    gts = root / "gts"
-    if gts.exists() and not overwrite:
+    gts = Path(out) if out is not None else root / "gts"
+    if gts.exists() and any(gts.iterdir()) and not overwrite:
         raise FileExistsError(f"{gts} already exists; pass overwrite=True (--overwrite)")
     written: list[Path] = []
     for folder in sorted(p for p in root.glob("v1.0-*") if (p / "lidarseg.json").is_file()):
         tables = _tables(folder)
         tables["lidarseg"] = json.loads((folder / "lidarseg.json").read_text())
         for s_idx, scene in enumerate(tables["scene"]):
+            if scenes is not None and scene["name"] not in scenes:
+                continue
             m = re.search(r"seed (-?\d+)", scene.get("description", ""))
             scene_seed = seed if seed is not None else (int(m.group(1)) if m else None)
             if scene_seed is None:

@@ -121,6 +121,7 @@ def test_png(tmp_path):
     assert im.shape[0] > 400 and im.std() > 10
 
 
+@pytest.mark.slow
 def test_query_cli_end_to_end_and_errors(shard_root, tmp_path):
     import torch
 

@@ -31,7 +31,7 @@ def run_chromium(url: str, *args: str, timeout: float = 120) -> subprocess.Compl
     cmd = [chromium(), "--headless", "--no-sandbox", "--disable-dev-shm-usage", "--enable-unsafe-swiftshader",
            "--use-angle=swiftshader", "--enable-logging=stderr", "--v=0", f"--window-size={WINDOW[0]},{WINDOW[1]}",
            "--virtual-time-budget=5000", *args, url]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def fake_result(n_side: int = 12) -> QueryResult:
@@ -138,15 +138,22 @@ def test_query_cli_end_to_end_and_errors(shard_root, tmp_path):
     out = tmp_path / "q.html"
     r = subprocess.run(base + ["--random-text-embeddings", "--text", "a parked car", "--text", "a tree",
                                "--index", "0", "--all-voxels", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       check=False, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     page = out.read_text()
     assert "RANDOM text embeddings" in page and "a parked car" in page
     assert f"all {25 * 25 * 4} voxels" in page  # tiny grid, every voxel with --all-voxels
     assert out.with_suffix(".png").stat().st_size > 10000
-    for extra, needle in ((["--random-text-embeddings", "--index", "999"], "no sample"),
-                          (["--clip-weights", str(tmp_path / "none.safetensors"), "--index", "0"], "not found"),
-                          (["--index", "0"], "--clip-weights")):
-        r = subprocess.run(base + ["--text", "x", "--out", str(tmp_path / "e.html"), *extra],
-                           capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = subprocess.run(base + ["--text", "x", "--out", str(tmp_path / "e.html"), "--random-text-embeddings",
+                               "--index", "999"], check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "no sample" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    from pop3d.query import QueryError, run_query
+
+    cfg_path = str(ROOT / "configs" / "tiny.yaml")
+    for kwargs, needle in (({"clip_weights": str(tmp_path / "none.safetensors"), "index": 0}, "not found"),
+                           ({"index": 0}, "--clip-weights"),
+                           ({"random_text": True, "index": 0, "token": "t"}, "exactly one of --index"),
+                           ({"random_text": True, "index": 0, "out": tmp_path / "x.png"}, "must end with .html")):
+        kwargs = {"out": tmp_path / "e.html", **kwargs}
+        with pytest.raises(QueryError, match=needle):
+            run_query(cfg_path, str(weights), ["x"], overrides=[f"data.shards={shard_root}"], **kwargs)

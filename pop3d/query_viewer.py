@@ -71,7 +71,7 @@ def _figure(result, q: int):
                                "z": float(max(3.0 * span[2] / span[0], 0.06))},
                "xaxis": {"title": {"text": "x (m)"}}, "yaxis": {"title": {"text": "y (m), forward"}},
                "zaxis": {"title": {"text": "z (m)"}},
-               "camera": {"eye": {"x": 0.35, "y": -1.45, "z": 0.85}}})
+               "camera": {"eye": {"x": 0.7, "y": -2.3, "z": 1.6}}}, autosize=True)
     return fig
 
 
@@ -122,9 +122,9 @@ header { padding: 8px 14px; background: #f3f3f3; border-bottom: 1px solid #ddd; 
 header h1 { font-size: 16px; margin: 0 0 4px 0; } .note { color: #b00; font-weight: bold; }
 #controls { padding: 6px 14px; } #controls select { font-size: 14px; } #stats { margin-left: 14px; color: #555; }
 #main { display: flex; gap: 10px; padding: 0 10px 10px 10px; }
-#plotbox { flex: 3 1 0; height: 80vh; min-width: 300px; border: 1px solid #ddd; }
+#plotbox { flex: none; width: 58vw; height: 78vh; min-width: 300px; border: 1px solid #ddd; overflow: hidden; }
 #plotbox > div, #plot { height: 100%; width: 100%; }
-#cams { flex: 2 1 0; display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; align-content: start; }
+#cams { flex: 1 1 0; min-width: 0; display: grid; grid-template-columns: repeat(3, 1fr); gap: 4px; align-content: start; }
 #cams figure { margin: 0; } #cams img { width: 100%; display: block; }
 #cams figcaption { font-size: 11px; text-align: center; color: #555; }
 #js-errors { color: #b00; font-family: monospace; }

@@ -11,6 +11,10 @@ absent from the GT as IoU 1 (the original's rule, comparable with the published 
 Several processes (each reads its own val shards; the confusion counts are summed, so the numbers are
 exactly the one-process numbers): ``accelerate launch --num_processes N scripts/eval.py ...`` (on CPU-only
 machines add ``--multi_gpu``).
+
+``--protocol occ3d`` (or ``both``) scores on Occ3D-nuScenes instead (or as well); see pop3d/occ3d.py:
+
+    python scripts/eval.py ... --protocol both --occ3d-gt /data/occ3d-nuscenes --nuscenes-dataroot /data/nuscenes
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int)
     parser.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="JSON results path")
+    from pop3d.occ3d import add_occ3d_arguments  # Occ3D-nuScenes protocol (pop3d/occ3d.py)
+
+    add_occ3d_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = config_from_args(args)
@@ -71,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split = args.split or cfg.data.val_split
+    occ3d = None
+    if args.protocol != "pop3d":
+        from pop3d.occ3d import Occ3DError, run_occ3d_protocol
+
+        try:
+            occ3d = run_occ3d_protocol(args, cfg, model, prompts, split, device)
+        except (Occ3DError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.protocol == "occ3d":
+        from pop3d.occ3d import write_occ3d_results
+
+        return write_occ3d_results(args, split, occ3d)
     max_samples = args.max_samples or cfg.eval.max_samples
     from shards.errors import DATA_ERRORS, one_line
 
@@ -99,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("semantic", "occupancy", "points"):
         meter = getattr(m, name)
         results[name] = {**meter.summary(), "iou": dict(zip(meter.names, meter.iou().tolist()))}
+    if occ3d is not None:
+        results["occ3d"] = occ3d
     out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2))

@@ -6,6 +6,7 @@ Examples::
     python scripts/make_synthetic_nuscenes.py --out data/nuscenes-synthetic
     python scripts/make_synthetic_nuscenes.py --out /tmp/nusc --seed 1 --samples-per-scene 4
 
+With ``--occ3d`` (the default) it also holds Occ3D-nuScenes-format ground truth in ``OUT/gts/``.
 The result opens with ``nuscenes.NuScenes(version="v1.0-mini", dataroot=OUT)`` (and ``v1.0-test``).
 Exit status 2 with a message on bad input (for example an existing dataset without ``--overwrite``).
 """
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="real test-split scene names (none: no v1.0-test)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset in --out")
+    p.add_argument("--occ3d", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write Occ3D-format ground truth to OUT/gts/ (shards/synthetic_occ3d.py; default on)")
     return p.parse_args(argv)
 
 
@@ -64,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.occ3d:
+        from shards.synthetic_occ3d import make_synthetic_occ3d
+
+        try:
+            gts = make_synthetic_occ3d(root, seed=args.seed, overwrite=args.overwrite)
+        except (FileExistsError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote Occ3D ground truth for {len(gts)} samples to {root / 'gts'}")
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     print(f"wrote {root} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0

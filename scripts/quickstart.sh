@@ -23,6 +23,12 @@ MSG
 $PY scripts/train.py --config configs/tiny.yaml --resume   # --resume: a second quick start continues the first
 echo "== 4/5 zero-shot evaluation on the synthetic val split"
 $PY scripts/eval.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors --random-text-embeddings
+echo "== 4b/5 both protocols: POP-3D's ray-cast GT and Occ3D-nuScenes (synthetic Occ3D GT in $DATA/gts)"
+$PY scripts/eval.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors --random-text-embeddings \
+    --protocol both --occ3d-gt "$DATA" --nuscenes-dataroot "$DATA" --out runs/tiny/eval_both.json
+echo "== 4c/5 free-text query viewer (HTML, opens offline) + PNG"
+$PY scripts/query.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors --random-text-embeddings \
+    --text "a parked car" --text "a tree" --index 0 --out runs/tiny/query_val_0.html
 echo "== 5/5 picture of the predicted occupancy (cameras with the teacher's targets, top views, 3D)"
 $PY scripts/visualize.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors \
     --random-text-embeddings --teacher --index 0 --out runs/tiny/sample_val_0.png

@@ -157,6 +157,6 @@ def select_text_prompts(text_path: str | None, use_random: bool, feature_dim: in
         raise ValueError("no text embeddings: pass --text-embeddings FILE (scripts/text_embeddings.py makes one), "
                          "set eval.text_embeddings, or pass --random-text-embeddings")
     if prompts.embeddings.shape[1] != feature_dim:
-        raise ValueError(f"text embeddings have {prompts.embeddings.shape[1]} dims, the student predicts "
-                         f"{feature_dim}")
+        raise ValueError(f"{text_path or 'random'}: text embeddings have {prompts.embeddings.shape[1]} dims, the "
+                         f"student predicts {feature_dim} (model.feature_dim); use embeddings of its width")
     return prompts

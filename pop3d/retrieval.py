@@ -22,8 +22,8 @@ Per benchmark sample (a keyframe and one free-text query):
 Fixed relative to the original (pipeline.md §6-9): an annotation whose length differs from the sample's
 point count is skipped AND counted and reported (the original skipped it with a print); a missing
 annotation or CSV is an error naming the file (the original printed and went on); samples with no
-predicted-occupied voxel do not crash (no voxel pass is needed for retrieval); samples with no relevant
-point (AP undefined) are excluded from the means and counted, instead of turning the mean into NaN.
+predicted-occupied voxel do not crash (no voxel pass is needed for retrieval). A sample with no relevant
+point in the set has AP 0.0 (sklearn's value since 1.1, hence the original's) and counts in the mean.
 """
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def random_query_embeddings(queries: list[str], dim: int) -> dict[str, torch.Ten
 
 @dataclass
 class SampleResult:
-    """APs of one benchmark entry (fractions in [0, 1]; NaN when no relevant point is in the set)."""
+    """APs of one benchmark entry (fractions in [0, 1]; 0.0 when no relevant point is in the set)."""
 
     split: str
     token: str
@@ -417,8 +417,8 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
     if missing and not allow_missing:
         toks = sorted({m.token for m in missing})
         raise BenchmarkError(f"{shards}: {len(toks)} benchmark samples are in no shard split "
-                             f"{_shard_splits(shards)}: {toks[:8]} (build the shards of every split, or allow "
-                             f"missing samples)")
+                             f"{_shard_splits(shards)}: {toks[:8]} (build the shards of every split, or pass "
+                             f"--allow-missing to report them)")
     return RetrievalReport([results[i] for i in sorted(results)], [mismatched[i] for i in sorted(mismatched)],
                            missing, len(entries), teacher is not None)
 
@@ -524,5 +524,5 @@ def write_results(out_dir: str | os.PathLike, report: RetrievalReport, summaries
         "missing_from_shards": [asdict(s) for s in report.missing_from_shards],
         "samples": [{k: clean(v) for k, v in asdict(r).items()} for r in report.results],
     }
-    _atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
+    _atomic_write_text(paths["json"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return paths

@@ -13,10 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
+
+
+def meter_json(meter) -> dict:
+    """A MeanIoU's summary and per-class IoUs as strict JSON: an undefined value (a class absent from the GT,
+    or no class present) is null, and ``undefined`` counts the null IoUs."""
+    def finite(v):
+        return v if not isinstance(v, float) or math.isfinite(v) else None
+
+    iou = {k: finite(v) for k, v in zip(meter.names, meter.iou().tolist())}
+    return {**{k: finite(v) for k, v in meter.summary().items()}, "iou": iou,
+            "undefined": sum(v is None for v in iou.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,27 +47,41 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
+    from pop3d.cli_checks import require_split, require_student_weights, require_text_embeddings, user_errors
 
+    split = args.split or cfg.data.val_split
+    text_path = args.text_embeddings or cfg.eval.text_embeddings
+    try:  # every check a user can fail comes before the work
+        require_student_weights(args.weights)
+        if text_path and not args.random_text_embeddings:
+            key = "--text-embeddings" if args.text_embeddings else "eval.text_embeddings"
+            require_text_embeddings(text_path, key)
+        require_split(cfg.data.shards, split, need_lidarseg=True)
+        return run(args, cfg, split, text_path)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args, cfg, split: str, text_path: str | None) -> int:
     import torch
 
-    from pop3d.checkpoint import load_student_weights
+    from pop3d.cli_checks import UserInputError, load_student
+    from pop3d.config import config_to_dict
     from pop3d.evaluate import evaluate, select_text_prompts
     from pop3d.training import build_student, grid_spec_of
     from shards.loader import make_loader
     from teacher.weights_io import atomic_path
 
-    device = torch.device(args.device)
-    model = build_student(cfg)
-    report = load_student_weights(model, args.weights, kind="pop3d")
-    print(f"weights {args.weights}: {report}")
-    model.to(device)
-    text_path = args.text_embeddings or cfg.eval.text_embeddings
     try:
         prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    split = args.split or cfg.data.val_split
+    except ValueError as exc:  # no embeddings given, or of another width
+        raise UserInputError(str(exc)) from exc
+    device = torch.device(args.device)
+    model = build_student(cfg)
+    report = load_student(model, args.weights, args.config, config_to_dict(cfg.model))
+    print(f"weights {args.weights}: {report}")
+    model.to(device)
     loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
                          grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
     m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
@@ -67,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {"split": split, "samples": m.samples, "weights": str(args.weights),
                "random_text_embeddings": args.random_text_embeddings}
     for name in ("semantic", "occupancy", "points"):
-        meter = getattr(m, name)
-        results[name] = {**meter.summary(), "iou": dict(zip(meter.names, meter.iou().tolist()))}
+        results[name] = meter_json(getattr(m, name))
     out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
     with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+        tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     print(f"\nwrote {out}")
     return 0
 

@@ -58,10 +58,12 @@ def shard_splits(shards: str) -> list[str] | None:
 
 def require_split(shards: str, split: str, key: str = "data.shards", need_lidarseg: bool = False) -> int:
     """``shards`` must hold shards of ``split`` (with lidarseg labels when ``need_lidarseg``); returns their
-    number. Otherwise UserInputError saying to build them with scripts/build_shards.py (or to point ``key``
-    elsewhere)."""
+    number (0 for remote URLs, not checked here). Otherwise UserInputError saying to build them with
+    scripts/build_shards.py (or to point ``key`` elsewhere)."""
     from shards.loader import list_shards
 
+    if "://" in str(shards) or str(shards).startswith("pipe:"):
+        return 0  # remote shards: the loader reports what it cannot read
     todo = f"build them with {BUILD_SHARDS.format(split=split, shards=shards)}, or set {key}=<shard folder>"
     src = Path(shards)
     if not str(shards).endswith(".json") and not any(c in str(shards) for c in "*?[") and not src.is_dir():

@@ -117,6 +117,11 @@ def run(args, cfg, split: str, text_path: str | None) -> int:
     notes = []
     if args.random_text_embeddings:
         notes.append("RANDOM text embeddings")
+    elif text_path:
+        from teacher.checkpoint import load_text_embeddings
+
+        if load_text_embeddings(text_path)[2].get("source") == "random":  # text_embeddings.py --random
+            notes.append("RANDOM text tower")
     if args.teacher and cfg.teacher.weights is None:
         notes.append("RANDOM teacher")
     title = f"{split} sample {token}  |  weights {Path(args.weights).name}"

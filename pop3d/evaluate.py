@@ -22,7 +22,7 @@ from pop3d.preprocess import prepare_student_inputs
 
 @dataclass
 class TextPrompts:
-    """Prompt embeddings usable for scoring: (K, C) unit-norm and the class 1..16 of each prompt."""
+    """Prompt embeddings usable for scoring: (K, C) as stored in the file, and the class 1..16 of each prompt."""
 
     embeddings: torch.Tensor
     prompt_class: torch.Tensor
@@ -77,10 +77,20 @@ def predict_sample(model, batch: dict[str, Any], device: torch.device, student_i
     return model(imgs, lidar2img, img_shape, points=None, features=pts, voxel_features=voxel_features)
 
 
-def occupancy_gt(eval_gt: torch.Tensor) -> torch.Tensor:
-    """Binary GT from the ray-cast GT: 0 free (17), 1 occupied (1..16), 255 unobserved/ignored."""
-    occ = (eval_gt != EMPTY_CLASS).long()
-    return torch.where(eval_gt == IGNORE_LABEL, torch.full_like(occ, IGNORE_LABEL), occ)
+def occupancy_gt(eval_gt: torch.Tensor, voxel_label: torch.Tensor) -> torch.Tensor:
+    """Binary GT of ``vox_agn_all`` by the original evaluation's rule: 0 free, 1 occupied, 255 not scored.
+
+    eval_gt: the ray-cast GT (1..16, 17 observed free, 255 unobserved); voxel_label: the semantic voxel label
+    (majority vote of the points: 0 ignore, 1..16, 17 no point), same shape. In this order, later rules win:
+    every observed voxel (eval_gt != 255) is occupied; every voxel whose semantic label is 0 (ignore) is
+    occupied too, also where the ray cast left it unobserved; every observed-free voxel (eval_gt 17) is free.
+    """
+    if voxel_label.shape != eval_gt.shape:
+        raise ValueError(f"voxel label {tuple(voxel_label.shape)} and eval GT {tuple(eval_gt.shape)} "
+                         "differ in shape")
+    occ = torch.where(eval_gt != IGNORE_LABEL, 1, IGNORE_LABEL)
+    occ = torch.where(voxel_label.to(eval_gt.device) == 0, 1, occ)
+    return torch.where(eval_gt == EMPTY_CLASS, 0, occ).long()
 
 
 @dataclass
@@ -116,14 +126,15 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
     model.eval()
     bar = tqdm(total=max_samples, desc="eval", disable=not progress, dynamic_ncols=True)
     for batch in loader:
-        if batch.get("eval_gt") is None or batch.get("labels") is None:
+        if any(batch.get(k) is None for k in ("eval_gt", "labels", "voxel_label")):
             raise ValueError(f"sample {batch['tokens'][0]}: the evaluation split has no lidarseg ground truth")
         out = predict_sample(model, batch, device, student_image_hw)
         pred = voxel_prediction(out.logits_vox[0].float(), out.logits_vox_fts[0].float(), text, prompt_class,
                                 normalized_cosine)
         gt = batch["eval_gt"][0].to(device).long()
         meters.semantic.update(pred, gt)
-        meters.occupancy.update((pred != EMPTY_CLASS).long(), occupancy_gt(gt))
+        occ_gt = occupancy_gt(gt, batch["voxel_label"][0].to(device))
+        meters.occupancy.update((pred != EMPTY_CLASS).long(), occ_gt)
         pt_pred = zero_shot_classes(out.logits_pts_fts[0].float(), text, prompt_class, normalized_cosine)
         meters.points.update(pt_pred, batch["labels"][0].to(device).long())
         meters.samples += 1
@@ -159,6 +170,6 @@ def select_text_prompts(text_path: str | None, use_random: bool, feature_dim: in
         raise ValueError("no text embeddings: pass --text-embeddings FILE (scripts/text_embeddings.py makes one), "
                          "set eval.text_embeddings, or pass --random-text-embeddings")
     if prompts.embeddings.shape[1] != feature_dim:
-        raise ValueError(f"text embeddings have {prompts.embeddings.shape[1]} dims, the student predicts "
-                         f"{feature_dim}")
+        raise ValueError(f"{text_path or 'random'}: text embeddings have {prompts.embeddings.shape[1]} dims, the "
+                         f"student predicts {feature_dim} (model.feature_dim); use embeddings of its width")
     return prompts

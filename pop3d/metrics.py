@@ -80,16 +80,20 @@ class MeanIoU:
 
 def zero_shot_classes(features: torch.Tensor, text: torch.Tensor, prompt_class: torch.Tensor,
                       normalized_cosine: bool = False) -> torch.Tensor:
-    """Class of each feature: max over a class's prompts of <f, t>, then argmax over classes (pipeline.md §4.1).
+    """Class of each feature: the best prompt's class (max over prompts, pipeline.md §4.1).
 
-    features: (P, C); text: (K, C) unit-norm prompt embeddings; prompt_class: (K,) class id per prompt
-    (prompts of ignored classes already removed). Returns (P,) int64 class ids. Equivalent to taking the class
-    of the best prompt.
+    features: (P, C); text: (K, C) prompt embeddings as stored (not necessarily unit-norm); prompt_class: (K,)
+    class id per prompt (prompts of ignored classes already removed). The score is the raw dot product
+    <f, t> (the original's default), or with ``normalized_cosine`` the cosine: like the original, BOTH the
+    features and the text embeddings are L2-normalised. Returns (P,) int64 class ids (the class of the best
+    prompt).
     """
     f = features.float()
+    t = text.float()
     if normalized_cosine:
         f = torch.nn.functional.normalize(f, dim=-1)
-    logits = f @ text.float().t()  # (P, K)
+        t = torch.nn.functional.normalize(t, dim=-1)
+    logits = f @ t.to(f.device).t()  # (P, K)
     return prompt_class.to(logits.device)[logits.argmax(dim=1)]
 
 
@@ -112,13 +116,14 @@ def average_precision(scores: torch.Tensor, relevant: torch.Tensor) -> float:
     """Non-interpolated average precision, identical to sklearn's ``average_precision_score``.
 
     scores: (P,) float; relevant: (P,) bool. Tied scores form one threshold, as in sklearn.
-    Returns NaN when nothing is relevant.
+    Returns 0.0 when nothing is relevant, as sklearn (>= 1.1) does and hence the original: such a sample
+    counts as AP 0 in a split's mean.
     """
     scores = scores.double().flatten()
     rel = relevant.flatten().bool()
     n_pos = int(rel.sum())
     if n_pos == 0:
-        return float("nan")
+        return 0.0
     order = torch.argsort(scores, descending=True, stable=True)
     s, r = scores[order], rel[order].double()
     tp = r.cumsum(0)

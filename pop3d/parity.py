@@ -1,4 +1,4 @@
-"""Parity of this reimplementation with outputs of the official POP-3D code (``shared/fixtures``)."""
+"""Parity of this reimplementation with outputs of the official POP-3D code (``tests/fixtures``)."""
 from __future__ import annotations
 
 import json

@@ -91,6 +91,26 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 # ---- save / load ------------------------------------------------------------------------------------------
+RUN_FILES = ("checkpoints", "log.jsonl", "student.safetensors", "config.yaml", "tensorboard")
+"""What training writes into train.output_dir (pop3d/training.py); ``--overwrite`` deletes only these."""
+
+
+def existing_run(out_dir: str | os.PathLike) -> list[str]:
+    """The run files of an earlier training in ``out_dir``."""
+    return [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+
+
+def delete_run(out_dir: str | os.PathLike) -> list[str]:
+    """Delete the run files of an earlier training in ``out_dir`` (nothing else); returns their names."""
+    import shutil
+
+    found = existing_run(out_dir)
+    for name in found:
+        path = Path(out_dir) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return found
+
+
 def checkpoint_dir(out_dir: str | os.PathLike, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step_{step:07d}"
 

@@ -278,17 +278,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, ste
 
 
 def check_output_dir(out_dir: Path, resume: bool) -> None:
-    """A fresh start must not mix with an earlier run's checkpoints; a log without any checkpoint (a run killed
-    before its first save) is emptied."""
-    from pop3d.run_state import list_checkpoints, truncate_log
+    """A fresh start must not mix with an earlier run's files (checkpoints, log, weights)."""
+    from pop3d.run_state import existing_run
 
-    if resume:
-        return
-    if list_checkpoints(out_dir):
-        raise TrainSetupError(f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
-                              "choose another train.output_dir")
-    if int(os.environ.get("RANK", "0")) == 0:
-        truncate_log(out_dir / "log.jsonl", 0)
+    found = existing_run(out_dir)
+    if found and not resume:
+        raise TrainSetupError(f"{out_dir} already holds a training run ({', '.join(found)}): pass --resume to "
+                              "continue it, --overwrite to start again, or set another train.output_dir")
 
 
 def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: Path, slots: int
@@ -299,6 +295,8 @@ def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: P
     ckpts = list_checkpoints(out_dir)
     if not ckpts:
         accelerator.print(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting fresh")
+        if accelerator.is_main_process:  # a run killed before its first save: its log starts again too
+            truncate_log(log_path, 0)
         return 0, None
     state = load_run_state(ckpts[-1], accelerator.unwrap_model(model), optimizer, scheduler,
                            getattr(accelerator, "scaler", None))
@@ -335,15 +333,27 @@ def make_accelerator(cfg: RunConfig):
     return accelerator
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Run training as configured; returns the path of the final student safetensors."""
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run training as configured; returns the path of the final student safetensors.
+
+    ``resume``: continue from the newest complete checkpoint in ``train.output_dir``; ``overwrite``: delete
+    the run files an earlier training wrote there first. Without either, a folder holding a run is refused."""
+    if resume and overwrite:
+        raise TrainSetupError("--resume and --overwrite exclude each other")
     from tqdm.auto import tqdm
 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
-    check_output_dir(out_dir, resume)
     accelerator = make_accelerator(cfg)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
+    if overwrite and is_main:
+        from pop3d.run_state import delete_run
+
+        deleted = delete_run(out_dir)
+        if deleted:
+            accelerator.print(f"--overwrite: deleted {', '.join(deleted)} in {out_dir}")
+    accelerator.wait_for_everyone()
+    check_output_dir(out_dir, resume)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

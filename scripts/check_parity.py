@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Check that our model reproduces the official code's outputs stored in a fixture directory.
 
-    python scripts/check_parity.py --fixture ../shared/fixtures/student_tiny
-    python scripts/check_parity.py --fixture ../shared/fixtures/teacher_tiny
+    python scripts/check_parity.py --fixture tests/fixtures/student_tiny
+    python scripts/check_parity.py --fixture tests/fixtures/teacher_tiny
 
 The fixture's ``config.json`` says its ``kind`` (``student`` or ``teacher``). The model is built from that
 config, the official ``state_dict.pth`` goes through our converter (pickle read with weights_only=True), the

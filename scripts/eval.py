@@ -21,10 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
+
+
+def meter_json(meter) -> dict:
+    """A MeanIoU's summary and per-class IoUs as strict JSON: an undefined value (a class absent from the GT,
+    or no class present) is null, and ``undefined`` counts the null IoUs."""
+    def finite(v):
+        return v if not isinstance(v, float) or math.isfinite(v) else None
+
+    iou = {k: finite(v) for k, v in zip(meter.names, meter.iou().tolist())}
+    return {**{k: finite(v) for k, v in meter.summary().items()}, "iou": iou,
+            "undefined": sum(v is None for v in iou.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,18 +58,39 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
+    from pop3d.cli_checks import require_split, require_student_weights, require_text_embeddings, user_errors
 
+    split = args.split or cfg.data.val_split
+    text_path = args.text_embeddings or cfg.eval.text_embeddings
+    try:  # every check a user can fail comes before the work
+        require_student_weights(args.weights)
+        if text_path and not args.random_text_embeddings:
+            key = "--text-embeddings" if args.text_embeddings else "eval.text_embeddings"
+            require_text_embeddings(text_path, key)
+        require_split(cfg.data.shards, split, need_lidarseg=True)
+        return run(args, cfg, split, text_path)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args, cfg, split: str, text_path: str | None) -> int:
     import os
 
     import torch
 
+    from pop3d.cli_checks import UserInputError, load_student
     from p3d_common.atomic import atomic_path
-    from pop3d.checkpoint import load_student_weights
+    from pop3d.config import config_to_dict
     from pop3d.evaluate import evaluate, select_text_prompts
     from pop3d.factory import build_student, grid_spec_of
     from shards.loader import make_loader
     from shards.order import eval_loader
 
+    try:
+        prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
+    except ValueError as exc:  # no embeddings given, or of another width
+        raise UserInputError(str(exc)) from exc
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
         from accelerate import Accelerator
@@ -68,16 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device)
     is_main = accelerator is None or accelerator.is_main_process
     model = build_student(cfg)
-    report = load_student_weights(model, args.weights, kind="pop3d")
+    report = load_student(model, args.weights, args.config, config_to_dict(cfg.model))
     print(f"weights {args.weights}: {report}")
     model.to(device)
-    text_path = args.text_embeddings or cfg.eval.text_embeddings
-    try:
-        prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    split = args.split or cfg.data.val_split
     occ3d = None
     if args.protocol != "pop3d":
         from pop3d.occ3d import Occ3DError, run_occ3d_protocol
@@ -85,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             occ3d = run_occ3d_protocol(args, cfg, model, prompts, split, device)
         except (Occ3DError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise UserInputError(str(exc)) from exc
     if args.protocol == "occ3d":
         from pop3d.occ3d import write_occ3d_results
 
@@ -117,13 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {"split": split, "samples": m.samples, "weights": str(args.weights),
                "random_text_embeddings": args.random_text_embeddings}
     for name in ("semantic", "occupancy", "points"):
-        meter = getattr(m, name)
-        results[name] = {**meter.summary(), "iou": dict(zip(meter.names, meter.iou().tolist()))}
+        results[name] = meter_json(getattr(m, name))
     if occ3d is not None:
         results["occ3d"] = occ3d
     out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
     with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+        tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     print(f"\nwrote {out}")
     return 0
 

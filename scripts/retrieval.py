@@ -49,30 +49,70 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
+    from pop3d.cli_checks import user_errors
 
+    try:
+        entries = check_inputs(args, cfg)  # every check a user can fail comes before the work
+        return run(args, cfg, entries)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def check_inputs(args, cfg):
+    """Weights, query source, benchmark files and the shards of every split the benchmark lists."""
+    from pop3d.cli_checks import (
+        UserInputError,
+        require_clip_weights,
+        require_file,
+        require_student_weights,
+        shard_splits,
+    )
+    from pop3d.retrieval import read_benchmark
+
+    require_student_weights(args.weights)
+    if args.clip_weights:
+        require_clip_weights(args.clip_weights)
+    if args.query_embeddings:
+        require_file(args.query_embeddings, "--query-embeddings", "write one with --save-query-embeddings FILE "
+                     "on a run with --clip-weights")
+    entries = read_benchmark(args.benchmark, args.splits)
+    have = shard_splits(cfg.data.shards)
+    if have is None and not Path(cfg.data.shards).exists():
+        raise UserInputError(f"{cfg.data.shards} (data.shards): no such shard folder; build the shards with "
+                             f"scripts/build_shards.py --out {cfg.data.shards} (or set data.shards=<shard folder>)")
+    if have is not None:
+        lacking = sorted({e.split for e in entries} - set(have))
+        if lacking and not args.allow_missing:
+            n = sum(e.split in lacking for e in entries)
+            keep = [s for s in args.splits if s not in lacking]
+            leave_out = f", leave them out with --splits {' '.join(keep)}" if keep else ""
+            raise UserInputError(
+                f"{cfg.data.shards} (data.shards) has no shards of split(s) {lacking} (has {have}), which hold {n} "
+                f"of the {len(entries)} benchmark entries of {args.benchmark}: build them with "
+                f"scripts/build_shards.py --splits {' '.join(lacking)} ...{leave_out}, or pass --allow-missing to "
+                "report them as missing")
+    return entries
+
+
+def run(args, cfg, entries) -> int:
     import torch
 
-    from pop3d.checkpoint import load_student_weights
+    from pop3d.cli_checks import load_student
+    from pop3d.config import config_to_dict
     from pop3d.factory import build_student, grid_spec_of
     from pop3d.retrieval import (
         TABLE_SPLITS,
-        BenchmarkError,
         clip_query_embeddings,
         evaluate_retrieval,
         format_table,
         load_query_embeddings,
         random_query_embeddings,
-        read_benchmark,
         save_query_embeddings,
         summarize,
         write_results,
     )
 
-    try:
-        entries = read_benchmark(args.benchmark, args.splits)
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     queries = [e.query for e in entries]
     print(f"benchmark {args.benchmark}: {len(entries)} entries, {len(set(queries))} distinct queries "
           f"({', '.join(f'{s} {sum(e.split == s for e in entries)}' for s in args.splits)})")
@@ -84,40 +124,33 @@ def main(argv: list[str] | None = None) -> int:
         emb = random_query_embeddings(queries, dim)
         source = "random"
     elif args.query_embeddings:
-        try:
-            emb = load_query_embeddings(args.query_embeddings, queries)
-        except (BenchmarkError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        emb = load_query_embeddings(args.query_embeddings, queries)
         source = str(args.query_embeddings)
     else:
         emb = clip_query_embeddings(queries, args.clip_weights, device=device, progress=not args.no_progress)
         source = str(args.clip_weights)
     got = next(iter(emb.values())).shape[0]
     if got != dim:
-        print(f"error: query embeddings have {got} dims, the student predicts {dim}", file=sys.stderr)
+        print(f"error: {source}: query embeddings have {got} dims, the student predicts {dim} (model.feature_dim)",
+              file=sys.stderr)
         return 2
     if args.save_query_embeddings:
         save_query_embeddings(args.save_query_embeddings, emb, source)
         print(f"wrote query embeddings to {args.save_query_embeddings}")
 
     model = build_student(cfg)
-    print(f"weights {args.weights}: {load_student_weights(model, args.weights, kind='pop3d')}")
+    print(f"weights {args.weights}: {load_student(model, args.weights, args.config, config_to_dict(cfg.model))}")
     model.to(device)
     teacher = None
     if not args.no_maskclip:
         from teacher.live import build_teacher_from_config
 
         teacher = build_teacher_from_config(cfg.teacher, device=device)
-    try:
-        report = evaluate_retrieval(
-            model, teacher, entries, emb, cfg.data.shards, grid_spec_of(cfg), device=device,
-            student_image_hw=cfg.data.student_image_hw,
-            num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
-            progress=not args.no_progress, allow_missing=args.allow_missing)
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate_retrieval(
+        model, teacher, entries, emb, cfg.data.shards, grid_spec_of(cfg), device=device,
+        student_image_hw=cfg.data.student_image_hw,
+        num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
+        progress=not args.no_progress, allow_missing=args.allow_missing)
     table_splits = [s for s in TABLE_SPLITS if s in args.splits or s == "valtest"]
     summaries = summarize(report.results, table_splits)
     print()

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.endswith(".safetensors"):
         ap.error(f"--out {args.out}: must end with .safetensors")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    for flag, path in (("--clip-weights", args.clip_weights), ("--from-released", args.from_released)):
+        if path and not Path(path).is_file():
+            print(f"error: {path} ({flag}): no such file; nothing is downloaded: get the file (README 'Weights'), "
+                  "or pass --random for a pipeline test", file=sys.stderr)
+            return 2
 
     if args.from_released:
         _k, _d = convert_zeroshot_weights(args.from_released, args.out, allow_unsafe_pickle=args.unsafe)

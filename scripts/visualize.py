@@ -51,10 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
+    from pop3d.cli_checks import require_split, require_student_weights, require_text_embeddings, user_errors
 
+    split = args.split or cfg.data.val_split
+    text_path = args.text_embeddings or cfg.eval.text_embeddings
+    try:  # every check a user can fail comes before the work
+        require_student_weights(args.weights)
+        if text_path and not args.random_text_embeddings:
+            key = "--text-embeddings" if args.text_embeddings else "eval.text_embeddings"
+            require_text_embeddings(text_path, key)
+        require_split(cfg.data.shards, split)
+        return run(args, cfg, split, text_path)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args, cfg, split: str, text_path: str | None) -> int:
     import torch
 
-    from pop3d.checkpoint import load_student_weights
+    from pop3d.cli_checks import UserInputError, load_student
+    from pop3d.config import config_to_dict
     from pop3d.evaluate import predict_sample, select_text_prompts
     from pop3d.factory import build_student, grid_spec_of
     from pop3d.metrics import voxel_prediction
@@ -62,26 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     from shards.loader import read_sample
 
     device = torch.device(args.device)
-    text_path = args.text_embeddings or cfg.eval.text_embeddings
     try:
         prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # no embeddings given, or of another width
+        raise UserInputError(str(exc)) from exc
 
-    split = args.split or cfg.data.val_split
+    model = build_student(cfg)
+    report = load_student(model, args.weights, args.config, config_to_dict(cfg.model))
+    print(f"weights {args.weights}: {report}")
     grid = grid_spec_of(cfg)
     token = args.token
     try:
         batch = read_sample(cfg.data.shards, split, grid, index=None if token else args.index, token=token)
     except (LookupError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserInputError(str(exc)) from exc
     token = batch["tokens"][0]
 
-    model = build_student(cfg)
-    report = load_student_weights(model, args.weights, kind="pop3d")
-    print(f"weights {args.weights}: {report}")
     model.to(device).eval()
     with torch.no_grad():
         out = predict_sample(model, batch, device, cfg.data.student_image_hw)
@@ -104,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if args.random_text_embeddings:
         notes.append("RANDOM text embeddings")
+    elif text_path:
+        from teacher.checkpoint import load_text_embeddings
+
+        if load_text_embeddings(text_path)[2].get("source") == "random":  # text_embeddings.py --random
+            notes.append("RANDOM text tower")
     if args.teacher and cfg.teacher.weights is None:
         notes.append("RANDOM teacher")
     title = f"{split} sample {token}  |  weights {Path(args.weights).name}"

@@ -1,4 +1,4 @@
-"""Parity of our teacher with a fixture made by the official MaskCLIP+ extraction (shared/fixtures/teacher_*).
+"""Parity of our teacher with a fixture made by the official MaskCLIP+ extraction (tests/fixtures/teacher_*).
 
 ``check_teacher_fixture(fixture_dir) -> dict``: converts ``state_dict.pth`` with our converter, builds the
 teacher from the converted file (depth/widths from the checkpoint, preprocessing from config.json), runs it

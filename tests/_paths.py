@@ -1,23 +1,12 @@
-"""Where the project's shared specification and reference fixtures live.
+"""Where the tests' reference files live: ``tests/fixtures/``, part of the repository.
 
-CI clones the project with ``shared/`` beside the clone; ``POP3D_SHARED`` overrides the location.
+``tests/fixtures/student_tiny`` and ``teacher_tiny`` are outputs of the official code (see their READMEs);
+``tests/fixtures/student_state_dict_keys.tsv`` lists the official checkpoint's keys and shapes.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> Path:
-    candidates = [os.environ.get("POP3D_SHARED"), ROOT.parent / "shared", ROOT / "shared", "/work/shared"]
-    for c in candidates:
-        if c and (Path(c) / "fixtures").is_dir():
-            return Path(c)
-    raise FileNotFoundError(f"no shared/ folder with fixtures beside {ROOT} (set POP3D_SHARED)")
-
-
-SHARED = shared_dir()
-FIXTURES = SHARED / "fixtures"
-SPEC = SHARED / "spec"
+FIXTURES = ROOT / "tests" / "fixtures"
+STATE_DICT_KEYS_TSV = FIXTURES / "student_state_dict_keys.tsv"

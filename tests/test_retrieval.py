@@ -210,7 +210,8 @@ def test_mismatched_annotation_is_skipped_counted_and_reported(bench, tiny, shar
     np.save(bad, np.load(bad)[:-3])
     entries = read_benchmark(b, ["val"])
     cfg, model, _ = tiny
-    report = evaluate_retrieval(model, None, entries, random_query_embeddings([e.query for e in entries], 64),
+    queries = random_query_embeddings([e.query for e in entries], cfg.model.feature_dim)
+    report = evaluate_retrieval(model, None, entries, queries,
                                 shard_root, grid_spec_of(cfg), device=torch.device("cpu"),
                                 student_image_hw=cfg.data.student_image_hw, progress=False)
     assert len(report.results) == 1 and len(report.skipped_length_mismatch) == 1
@@ -233,7 +234,7 @@ def test_sample_in_no_shard_is_an_error_unless_allowed(tiny, shard_root, tmp_pat
     entries = read_benchmark(b)
     cfg, model, _ = tiny
     kw = {"device": torch.device("cpu"), "progress": False}
-    q = random_query_embeddings(["fire hydrant"], 64)
+    q = random_query_embeddings(["fire hydrant"], cfg.model.feature_dim)
     with pytest.raises(BenchmarkError, match="1 benchmark samples are in no shard"):
         evaluate_retrieval(model, None, entries, q, shard_root, grid_spec_of(cfg), **kw)
     report = evaluate_retrieval(model, None, entries, q, shard_root, grid_spec_of(cfg), allow_missing=True, **kw)

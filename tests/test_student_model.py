@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _paths import SPEC
+from _paths import STATE_DICT_KEYS_TSV
 from _student_refs import ica_forward_loop, micro_config, random_rig
 
 from pop3d.model import StudentConfig, TPVFormer
 from pop3d.model.grid_mask import GridMask, grid_mask_pattern
 
-TSV = str(SPEC / "student_state_dict_keys.tsv")
+TSV = str(STATE_DICT_KEYS_TSV)
 
 
 def test_paper_config_state_dict_matches_official_listing():

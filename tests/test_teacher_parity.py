@@ -1,4 +1,4 @@
-"""Parity with the official MaskCLIP+ extraction (shared/fixtures/teacher_tiny) and the converter."""
+"""Parity with the official MaskCLIP+ extraction (tests/fixtures/teacher_tiny) and the converter."""
 from __future__ import annotations
 
 from pathlib import Path

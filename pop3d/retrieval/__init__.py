@@ -22,8 +22,8 @@ Per benchmark sample (a keyframe and one free-text query):
 Fixed relative to the original (pipeline.md §6-9): an annotation whose length differs from the sample's
 point count is skipped AND counted and reported (the original skipped it with a print); a missing
 annotation or CSV is an error naming the file (the original printed and went on); samples with no
-predicted-occupied voxel do not crash (no voxel pass is needed for retrieval); samples with no relevant
-point (AP undefined) are excluded from the means and counted, instead of turning the mean into NaN.
+predicted-occupied voxel do not crash (no voxel pass is needed for retrieval); a sample with no relevant
+point in the set has AP 0.0 (sklearn's value since 1.1, hence the original's) and counts in the mean.
 
 Layout: ``benchmark`` (the CSV + annotation files), ``queries`` (query embeddings), ``scoring`` (scores and
 APs of one sample), ``run`` (the pass over the shards), ``report`` (tables and result files).

@@ -107,5 +107,5 @@ def write_results(out_dir: str | os.PathLike, report: RetrievalReport, summaries
         "missing_from_shards": [asdict(s) for s in report.missing_from_shards],
         "samples": [{k: clean(v) for k, v in asdict(r).items()} for r in report.results],
     }
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return paths

@@ -120,8 +120,8 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
     if missing and not allow_missing:
         toks = sorted({m.token for m in missing})
         raise BenchmarkError(f"{shards}: {len(toks)} benchmark samples are in no shard split "
-                             f"{_shard_splits(shards)}: {toks[:8]} (build the shards of every split, or allow "
-                             f"missing samples)")
+                             f"{_shard_splits(shards)}: {toks[:8]} (build the shards of every split, or pass "
+                             f"--allow-missing to report them)")
     return RetrievalReport([results[i] for i in sorted(results)], [mismatched[i] for i in sorted(mismatched)],
                            missing, len(entries), teacher is not None)
 

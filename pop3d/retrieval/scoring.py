@@ -12,7 +12,7 @@ from pop3d.metrics import average_precision
 
 @dataclass
 class SampleResult:
-    """APs of one benchmark entry (fractions in [0, 1]; NaN when no relevant point is in the set)."""
+    """APs of one benchmark entry (fractions in [0, 1]; 0.0 when no relevant point is in the set)."""
 
     split: str
     token: str

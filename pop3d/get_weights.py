@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from pop3d.downloads import DownloadError, NotFound, check_file, download
-from teacher.weights_io import CheckpointError, atomic_path
+from p3d_common.atomic import atomic_path
+from teacher.weights_io import CheckpointError
 
 POP3D_PAGE = "https://github.com/vobecant/POP3D#pre-trained-weights"
 MASKCLIP_PLUS_PAGE = ("https://entuedu-my.sharepoint.com/:u:/g/personal/chong033_e_ntu_edu_sg/"

@@ -111,7 +111,7 @@ def index_gt(root: str | Path) -> dict[str, Path]:
 
 def save_prediction(out_dir: str | Path, token: str, semantics: np.ndarray) -> Path:
     """Write ``<out_dir>/<token>.npz`` with ``semantics`` uint8 (200, 200, 16), atomically."""
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     if semantics.shape != OCC3D_SHAPE:
         raise ValueError(f"prediction has shape {semantics.shape}, expected {OCC3D_SHAPE}")
@@ -438,7 +438,7 @@ def write_occ3d_results(args, split: str, occ3d: dict[str, Any]) -> int:
     """JSON of an Occ3D-only run (``{"occ3d": {...}}`` as in a ``both`` run), at ``--out`` or next to the weights."""
     import json
 
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     results = {"split": split, "samples": occ3d["samples"], "weights": str(args.weights),
                "random_text_embeddings": args.random_text_embeddings, "occ3d": occ3d}

@@ -166,7 +166,7 @@ def query_html(result, *, title: str = "", notes: Sequence[str] = ()) -> str:
 
 def write_query_html(result, path: str | Path, *, title: str = "", notes: Sequence[str] = ()) -> Path:
     """Write the viewer page atomically; returns the path."""
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -181,7 +181,7 @@ def render_query_png(result, path: str | Path, *, title: str = "", dpi: int = 10
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     q = len(result.texts)
     cols = min(q, 3)

@@ -232,7 +232,7 @@ def truncate_log(path: str | os.PathLike, step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write("".join(line + "\n" for line in kept))

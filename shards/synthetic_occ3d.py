@@ -253,7 +253,7 @@ def make_synthetic_occ3d(dataroot: str | Path, seed: int | None = None, min_agre
     the rebuilt world disagrees with the LiDAR labels (fewer than ``min_agreement`` of the returns in voxels of
     their class), FileExistsError when ``gts/`` exists and ``overwrite`` is off. Returns the files written.
     """
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     root = Path(dataroot)
     gts = Path(out) if out is not None else root / "gts"

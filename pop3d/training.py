@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from pop3d.config import RunConfig, config_to_dict
+from pop3d.cuda_setup import TRAIN_KEYS, DevicePrefetcher, SpeedConfig, StepTimer, apply_speed_settings
 from pop3d.losses import LossTerms, pop3d_loss
 from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler
@@ -77,11 +78,18 @@ def feature_points(batch: dict[str, Any]) -> torch.Tensor:
 
 
 def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generator: torch.Generator | None,
-                 train: bool = True) -> tuple[LossTerms, dict[str, float]]:
-    """One forward of teacher and student on a device batch; returns the loss terms and timings (ms)."""
+                 train: bool = True, timer=None) -> tuple[LossTerms, dict[str, float]]:
+    """One forward of teacher and student on a device batch; returns the loss terms and timings (ms).
+
+    With a ``timer`` (pop3d.cuda_setup.StepTimer, CUDA events) it marks ``teacher`` and ``student_fwd`` and
+    the timings dict is empty (read the timer on log steps); without, host timers (exact on CPU only).
+    """
     t0 = time.perf_counter()
-    targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"])
+    targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"],
+                      sync_free=True)
     t1 = time.perf_counter()
+    if timer is not None:
+        timer.mark("teacher")
     imgs, lidar2img, img_shape = prepare_student_inputs(
         batch["images"], batch["lidar2img"], out_hw=cfg.data.student_image_hw,
         photometric=train and cfg.data.photometric_aug, generator=generator)
@@ -90,6 +98,9 @@ def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generato
     terms = pop3d_loss(out.logits_vox, batch["occupancy"], pred, targets.to(pred.dtype),
                        feature_weight=cfg.train.feature_loss_weight)
     t2 = time.perf_counter()
+    if timer is not None:
+        timer.mark("student_fwd")
+        return terms, {}
     return terms, {"teacher_ms": 1e3 * (t1 - t0), "student_fwd_ms": 1e3 * (t2 - t1)}
 
 
@@ -152,6 +163,8 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     if tc.init_weights:
         report = load_student_weights(model, tc.init_weights, kind=tc.init_kind)
         accelerator.print(f"init weights {tc.init_weights}: {report}")
+    speed = getattr(cfg, "speed", None) or SpeedConfig()
+    accelerator.print(f"speed settings: {apply_speed_settings(speed, accelerator.device, model)}")
     teacher = build_teacher_from_config(cfg.teacher, device=accelerator.device)
 
     world = accelerator.num_processes
@@ -181,11 +194,15 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
 
     loader = make_loader(cfg.data.shards, cfg.data.train_split, batch_size=tc.batch_size,
                          num_workers=cfg.data.num_workers, grid=grid_spec_of(cfg), shuffle=True, seed=tc.seed,
-                         eval_gt=False, shuffle_buffer=cfg.data.shuffle_buffer)
+                         eval_gt=False, shuffle_buffer=cfg.data.shuffle_buffer,
+                         pin_memory=speed.pin_memory and accelerator.device.type == "cuda")
     stream = _repeat(loader)
     # Skip what a resumed run already consumed (the stream's order is a function of the seed).
     for _ in range(step * tc.grad_accum_steps):
         next(stream)
+    device_batches = DevicePrefetcher(stream, accelerator.device, TRAIN_KEYS, enabled=speed.prefetch)
+    timer = StepTimer(accelerator.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # read on log steps only
 
     generator = torch.Generator().manual_seed(tc.seed * 1000 + accelerator.process_index + step)
     model.train()
@@ -196,23 +213,27 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
     log_path = out_dir / "log.jsonl"
     t_last = time.perf_counter()
     while step < total_steps:
-        timings: dict[str, float] = {}
+        timer.start()
         for _ in range(tc.grad_accum_steps):
-            batch = batch_to_device(next(stream), accelerator.device)
+            batch = next(device_batches)
             with accelerator.accumulate(model):
-                terms, timings = compute_loss(model, teacher, batch, cfg, generator, train=True)
-                if not torch.isfinite(terms.total):
-                    raise FloatingPointError(f"non-finite loss at step {step}: {terms.as_floats()} "
-                                             f"(sample {batch['tokens']})")
+                terms, _ = compute_loss(model, teacher, batch, cfg, generator, train=True, timer=timer)
+                nonfinite |= ~torch.isfinite(terms.total.detach())  # no host sync: checked on log steps
                 accelerator.backward(terms.total)
+                timer.mark("student_bwd")
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), tc.grad_max_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                timer.mark("optimizer")
         scheduler.step()
         step += 1
         bar.update(1)
         if step % tc.log_every == 0 or step == total_steps:
+            if bool(nonfinite):
+                raise FloatingPointError(f"non-finite loss at a step in ({step - tc.log_every}, {step}]: "
+                                         f"{terms.as_floats()} (last sample {batch['tokens']})")
+            timings = {**timer.read(), "timer": timer.kind}
             now = time.perf_counter()
             record = {"step": step, "epoch": (step - 1) // steps_per_epoch, **terms.as_floats(),
                       "lr": optimizer.param_groups[0]["lr"], "s_per_step": (now - t_last) / tc.log_every,

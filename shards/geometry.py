@@ -407,12 +407,17 @@ def raycast_eval_gt(
     free = np.zeros(nx * ny * nz, dtype=bool)
     id_dtype = np.int32 if nx * ny * nz < 2**31 else np.int64
     s = np.linspace(0, 1, n_samples)
+    # s * p_a lies between 0 and p_a (s in [0, 1], monotone rounding), so the clip can only bind on an axis
+    # whose samples reach below pc_min or above pc_max - 1e-3: skip it where it cannot (same values).
+    needs_clip = [not (lo[a] <= min(0.0, p[:, a].min(initial=0.0)) and max(0.0, p[:, a].max(initial=0.0)) <= top[a])
+                  for a in range(3)]
     for start in range(0, p.shape[0], chunk):
         pc = p[start : start + chunk]
         flat = None
         for a in range(3):
             t = np.multiply.outer(pc[:, a], s)        # (c, S) = s * p_a, as the original's broadcast product
-            np.clip(t, lo[a], top[a], out=t)
+            if needs_clip[a]:
+                np.clip(t, lo[a], top[a], out=t)
             t -= lo[a]
             t /= interval[a]
             ia = t.astype(id_dtype)                   # t >= 0, so truncation is floor

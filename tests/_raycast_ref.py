@@ -19,7 +19,7 @@ from shards.geometry import (
 def raycast_eval_gt_reference(
     xyz: np.ndarray,
     labels_noignore: np.ndarray,
-    grid: GridSpec = GridSpec(),
+    grid: GridSpec = GridSpec(),  # noqa: B008
     n_samples: int = 100,
     chunk: int = 8192,
 ) -> np.ndarray:

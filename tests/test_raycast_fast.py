@@ -7,7 +7,8 @@ import pytest
 from shards.geometry import EMPTY_LABEL, IGNORE_LABEL, GridSpec, raycast_eval_gt
 from tests._raycast_ref import raycast_eval_gt_reference
 
-GRIDS = [GridSpec(), GridSpec(size=(200, 200, 16)), GridSpec((-3.0, -2.0, -1.0), (5.0, 2.5, 1.5), (7, 5, 3))]
+GRIDS = [GridSpec(), GridSpec(size=(200, 200, 16)), GridSpec((-3.0, -2.0, -1.0), (5.0, 2.5, 1.5), (7, 5, 3)),
+         GridSpec((1.0, -4.0, 0.5), (6.0, -0.5, 2.0), (5, 7, 3))]  # the last one: the LiDAR outside the volume
 
 
 def _cloud(rng: np.random.Generator, n: int, grid: GridSpec) -> np.ndarray:

@@ -74,7 +74,7 @@ def sizes(dry: bool) -> dict[str, Any]:
                 "teacher_arch": {"depth": 50, "base_channels": 4, "stem_channels": 8, "aspp_channels": 16},
                 "workers": (0,), "shard_scenes": 1, "shard_hw": (90, 160), "azimuth": 128}
     return {"img_hw": (900, 1600), "student_hw": None, "resize_fit": (2048, 1024), "points": 34000, "iters": 10,
-            "warmup": 3, "student": {}, "teacher_arch": {}, "workers": (0, 2, 4, 8), "shard_scenes": 2,
+            "warmup": 3, "student": {}, "teacher_arch": {}, "workers": (0, 2, 4, 8), "shard_scenes": 1,
             "shard_hw": (900, 1600), "azimuth": 1084}
 
 
@@ -261,7 +261,8 @@ def sec_loader(ctx) -> dict:
     rows = []
     for workers in sz["workers"]:
         for eval_gt in (False, True):
-            rows.append(loader_rate(shard_dir, "val", eval_gt, workers, passes=1 if ctx["dry"] else 3))
+            rows.append(loader_rate(shard_dir, "val", eval_gt, workers,
+                                    passes=1 if ctx["dry"] else max(3, 2 * workers)))
     ratio = {str(w): next(r["samples_per_s"] for r in rows if r["workers"] == w and r["eval_gt"])
              / max(next(r["samples_per_s"] for r in rows if r["workers"] == w and not r["eval_gt"]), 1e-9)
              for w in sz["workers"]}
@@ -426,6 +427,8 @@ def table(sections: dict) -> list[str]:
                          f"{json.dumps({k: round(v, 6) for k, v in res['max_abs_diff'].items()})} | {tgt} |")
         elif name == "sync_debug":
             for k, v in res.items():
+                if not isinstance(v, dict):
+                    continue
                 lines.append(f"| sync_debug {k} | {v['syncs']} ({v['mode']}) | {tgt} |")
     return lines
 
@@ -437,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "never installed")
     ap.add_argument("--dry-run", action="store_true", help="every section at tiny sizes on the CPU")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="start no new section after this many seconds (the rest are recorded as skipped)")
     a = ap.parse_args(argv)
     chosen = [s for s in a.sections.split(",") if s]
     unknown = sorted(set(chosen) - set(SECTIONS))
@@ -460,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for name in chosen:
         t0 = time.perf_counter()
+        if t0 - t_start > a.budget_s:
+            results[name] = {"skipped": f"time budget --budget-s {a.budget_s:.0f} spent", "section_s": 0.0}
+            print(f"[{name}] skipped (time budget)", flush=True)
+            continue
         ctx = {"cfg": _cfg(sz, tmp.name), "sz": sz, "device": dev, "tmp": os.path.join(tmp.name, name),
                "dry": a.dry_run}
         os.makedirs(ctx["tmp"], exist_ok=True)

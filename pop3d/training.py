@@ -229,10 +229,11 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
         scheduler.step()
         step += 1
         bar.update(1)
+        saving = step % tc.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps
+        if (step % tc.log_every == 0 or saving) and bool(nonfinite):  # never log on or save past a bad step
+            raise FloatingPointError(f"non-finite loss at a step <= {step} (since the last check): "
+                                     f"{terms.as_floats()} (last sample {batch['tokens']})")
         if step % tc.log_every == 0 or step == total_steps:
-            if bool(nonfinite):
-                raise FloatingPointError(f"non-finite loss at a step in ({step - tc.log_every}, {step}]: "
-                                         f"{terms.as_floats()} (last sample {batch['tokens']})")
             timings = {**timer.read(), "timer": timer.kind}
             now = time.perf_counter()
             record = {"step": step, "epoch": (step - 1) // steps_per_epoch, **terms.as_floats(),
@@ -246,7 +247,7 @@ def train(cfg: RunConfig, *, resume: bool = False) -> Path:
                 log.info("step %d/%d loss %.4f (lovasz %.4f ce %.4f feat %.4f) lr %.2e teacher %.0f ms",
                          step, total_steps, record["total"], record["lovasz"], record["ce"], record["feature"],
                          record["lr"], record["teacher_ms"])
-        if step % tc.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+        if saving:
             ckpt = out_dir / "checkpoints" / f"step_{step:07d}"
             accelerator.save_state(str(ckpt))
             if is_main:

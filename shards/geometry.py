@@ -366,7 +366,7 @@ def raycast_eval_gt(
     labels_noignore: np.ndarray,
     grid: GridSpec = GridSpec(),
     n_samples: int = 100,
-    chunk: int = 2048,
+    chunk: int = 512,
 ) -> np.ndarray:
     """Ray-cast semantic evaluation ground truth (1.8-3).
 

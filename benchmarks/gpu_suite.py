@@ -285,6 +285,7 @@ def sec_inference(ctx) -> dict:
                 predict_sample(model, batch, dev, cfg.data.student_image_hw)
         r = Timer(dev).run(fn, sz["iters"], sz["warmup"])
         r["samples_per_s"] = 1e3 / r["ms"]
+        r["autocast_bf16"] = bf16 and dev.type == "cuda"  # off on CPU: both rows are fp32 there
         out[name] = r
     return out
 

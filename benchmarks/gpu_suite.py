@@ -101,6 +101,20 @@ def _batch(cfg, sz: dict, device, seed: int = 0) -> dict:
     return move_batch(b, device, TRAIN_KEYS)
 
 
+def triton_usable(device) -> tuple[bool, str]:
+    """(usable, why not): the 'triton' msda backend exists, triton imports, and the device can run it
+    (CUDA; on CPU only under Triton's interpreter, TRITON_INTERPRET=1)."""
+    from pop3d.model import msda
+
+    if "triton" not in msda.BACKENDS:
+        return False, "no 'triton' in pop3d.model.msda.BACKENDS"
+    if hasattr(msda, "triton_available") and not msda.triton_available():
+        return False, "triton does not import"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on", "yes"):
+        return False, "the triton backend runs on CUDA (on CPU only with TRITON_INTERPRET=1)"
+    return True, ""
+
+
 class Timer:
     """CUDA events (or perf_counter on CPU) around ``iters`` calls of ``fn`` after ``warmup`` calls."""
 
@@ -170,7 +184,6 @@ def _student(ctx, backend: str | None = None):
 def sec_student(ctx) -> dict:
     import torch
 
-    from pop3d.model.msda import BACKENDS
     from pop3d.preprocess import prepare_student_inputs
     from pop3d.training import feature_points
 
@@ -179,7 +192,8 @@ def sec_student(ctx) -> dict:
     imgs, l2i, hw = prepare_student_inputs(batch["images"], batch["lidar2img"], out_hw=cfg.data.student_image_hw)
     feats = feature_points(batch)
     out = {}
-    for backend in [b for b in ("pytorch", "triton") if b in BACKENDS]:
+    use_triton, why = triton_usable(dev)
+    for backend in ["pytorch"] + (["triton"] if use_triton else []):
         try:
             model = _student(ctx, backend)
 
@@ -194,8 +208,8 @@ def sec_student(ctx) -> dict:
             model = step = None
         except Exception as exc:  # noqa: BLE001 (one backend failing must not hide the other)
             out[backend] = {"error": f"{type(exc).__name__}: {exc}"}
-    if "triton" not in BACKENDS:
-        out["triton"] = {"skipped": "no 'triton' in pop3d.model.msda.BACKENDS"}
+    if not use_triton:
+        out["triton"] = {"skipped": why}
     return out
 
 
@@ -294,13 +308,14 @@ def sec_fused_msda(ctx) -> dict:
     import torch
 
     import pop3d.model.image_cross_attention as ica
-    from pop3d.model.msda import BACKENDS, multi_scale_deformable_attn
+    from pop3d.model.msda import multi_scale_deformable_attn
     from pop3d.preprocess import prepare_student_inputs
     from pop3d.training import feature_points
 
-    if "triton" not in BACKENDS:
-        return {"skipped": "the 'triton' backend is not in pop3d.model.msda.BACKENDS (not merged yet)"}
     cfg, sz, dev = ctx["cfg"], ctx["sz"], ctx["device"]
+    use_triton, why = triton_usable(dev)
+    if not use_triton:
+        return {"skipped": why}
     captured = []
     real = ica.multi_scale_deformable_attn
 

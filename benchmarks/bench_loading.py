@@ -44,10 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from p3d_common.labels import RAW_TO_AGNOSTIC, RAW_TO_NOIGNORE
 from shards.geometry import (
     CAMERAS,
-    RAW_TO_AGNOSTIC,
-    RAW_TO_NOIGNORE,
     GridSpec,
     grid_indices,
     lidar_to_camera,

@@ -142,9 +142,12 @@ def bench_ica(cfg, inputs, device, iters):
         plans = head.encoder.geometry(l2i, hw)
         ica(query, value, plans, shapes).sum().backward()
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _student_refs import ica_forward_loop  # the test oracle: the original per-camera loop
+
     def loop():
         rm = [point_sampling(r, head.encoder.pc_range, l2i, hw) for r in refs]
-        ica.forward_loop(query, value, [r for r, _ in rm], [m for _, m in rm], shapes).sum().backward()
+        ica_forward_loop(ica, query, value, [r for r, _ in rm], [m for _, m in rm], shapes).sum().backward()
 
     res = {}
     for name, fn in (("vectorised", vectorised), ("loop", loop)):

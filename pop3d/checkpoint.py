@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 
-from pop3d.model import StudentConfig, TPVFormer
-from teacher.weights_io import (
+from p3d_common.safetensors_io import (
     CheckpointError,
     describe_mismatch,
     format_keys,
     load_safetensors,
-    read_pth,
     save_safetensors,
-    state_dict_of,
 )
+from pop3d.model import StudentConfig, TPVFormer
+from teacher.weights_io import read_pth, state_dict_of
 
 KINDS = ("pop3d", "fcos3d")
 

@@ -3,7 +3,7 @@
 A run config has five sections, each a dataclass::
 
     model:   pop3d.model.config.StudentConfig   (the TPVFormer student)
-    teacher: teacher.live.TeacherConfig         (the frozen 2D teacher)
+    teacher: teacher.config.TeacherConfig       (the frozen 2D teacher)
     data:    DataConfig                         (shards, grid, image size for the student)
     train:   TrainConfig                        (optimiser, schedule, losses, precision)
     eval:    EvalConfig                         (zero-shot evaluation)
@@ -14,6 +14,7 @@ Unknown keys, wrong types and out-of-range values are errors that name the YAML 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+if typing.TYPE_CHECKING:
+    from pop3d.model.config import StudentConfig
+    from teacher.config import TeacherConfig
 
 
 class ConfigError(ValueError):
@@ -37,7 +42,8 @@ class DataConfig:
     val_split: str = "val"
     num_workers: int = 2
     shuffle_buffer: int = 0
-    """Samples held for shuffling inside a worker (0: shard-level shuffling only)."""
+    """Training: shuffle each slot's samples inside blocks of this many consecutive positions, across shard
+    boundaries (0: shard-level shuffling only). Seeded by (seed, epoch): resume and process count unaffected."""
     student_image_hw: tuple[int, int] | None = None
     """Resize the six images to (H, W) for the student (None: original size, as the paper). ``lidar2img``
     is rescaled to match; the teacher always gets the original images."""
@@ -45,12 +51,15 @@ class DataConfig:
     """PhotoMetricDistortion on the student's images in training (never on the teacher's)."""
 
     def validate(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0")
+        _check_int(self, "num_workers", lo=0)
+        _check_int(self, "shuffle_buffer", lo=0)
+        for name in ("shards", "train_split", "val_split"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
         if self.student_image_hw is not None:
             h, w = self.student_image_hw
             if h <= 0 or w <= 0:
-                raise ValueError(f"student_image_hw must be positive, got {self.student_image_hw}")
+                raise ValueError(f"student_image_hw: must be positive, got {list(self.student_image_hw)}")
 
 
 @dataclass
@@ -82,18 +91,35 @@ class TrainConfig:
     """safetensors to start from: a converted FCOS3D file (backbone + neck) or a full POP-3D checkpoint."""
     init_kind: Literal["fcos3d", "pop3d"] = "fcos3d"
 
+    val_every_epochs: int = 1
+    """Validate on ``data.val_split`` after every this many epochs (0: never)."""
+    keep_checkpoints: int = 3
+    """Keep the newest this many checkpoints (plus the best by validation mIoU); older ones are deleted."""
+    tensorboard: bool = True
+    """Write TensorBoard events to ``<output_dir>/tensorboard`` (accelerate's tracker)."""
+
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "save_every", "keep_checkpoints"):
+            _check_int(self, name, lo=1)
+        for name in ("warmup_steps", "seed", "val_every_epochs"):
+            _check_int(self, name, lo=0)
+        if self.max_steps is not None:
+            _check_int(self, "max_steps", lo=1)
         if self.batch_size != 1:
-            raise ValueError("batch_size must be 1 per process (the official TPVFormer head assumes B=1; use "
+            raise ValueError("batch_size: must be 1 per process (the official TPVFormer head assumes B=1; use "
                              "more processes or grad_accum_steps for a larger effective batch)")
-        for name in ("lr", "warmup_lr_init", "lr_min"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("max_steps must be >= 1 or null")
+        if self.seed >= 2 ** 63:
+            raise ValueError(f"seed: must be < 2**63, got {self.seed}")
+        for name in ("lr", "warmup_lr_init", "lr_min", "grad_max_norm"):
+            _check_float(self, name, positive=True)
+        for name in ("backbone_lr_mult", "weight_decay", "feature_loss_weight"):
+            _check_float(self, name, positive=False)
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min: must be <= lr ({self.lr}), got {self.lr_min}")
+        if self.warmup_lr_init > self.lr:
+            raise ValueError(f"warmup_lr_init: must be <= lr ({self.lr}), got {self.warmup_lr_init}")
+        if not self.output_dir:
+            raise ValueError("output_dir: must not be empty")
 
 
 @dataclass
@@ -106,11 +132,34 @@ class EvalConfig:
     """Score with cosine instead of the official raw dot product."""
     max_samples: int | None = None
 
+    def validate(self) -> None:
+        if self.max_samples is not None:
+            _check_int(self, "max_samples", lo=1)
+
+
+def _check_int(obj: Any, name: str, lo: int) -> None:
+    value = getattr(obj, name)
+    if value < lo:
+        raise ValueError(f"{name}: must be >= {lo}, got {value}")
+
+
+def _check_float(obj: Any, name: str, positive: bool) -> None:
+    """A finite number, > 0 (``positive``) or >= 0; the message names the key."""
+    value = getattr(obj, name)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: must be > 0, got {value}")
+    if not positive and value < 0:
+        raise ValueError(f"{name}: must be >= 0, got {value}")
+
 
 @dataclass
 class RunConfig:
-    model: Any = None
-    teacher: Any = None
+    """The five sections of a run config (:func:`load_config`)."""
+
+    model: StudentConfig
+    teacher: TeacherConfig
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -119,10 +168,10 @@ class RunConfig:
 
 
 def _section_types() -> dict[str, type]:
-    # Imported here so that `pop3d.config` stays importable while reading a YAML without building models.
+    # Imported here: `pop3d.model` imports torch; `import pop3d.config` itself stays light.
     from pop3d.cuda_setup import SpeedConfig
     from pop3d.model.config import StudentConfig
-    from teacher.live import TeacherConfig
+    from teacher.config import TeacherConfig
 
     return {"model": StudentConfig, "teacher": TeacherConfig, "data": DataConfig, "train": TrainConfig,
             "eval": EvalConfig, "speed": SpeedConfig}
@@ -169,6 +218,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -199,7 +253,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        msg = str(exc)
+        if msg.split(":", 1)[0] in names:  # "key: problem" -> "<file>: section.key: problem"
+            raise ConfigError(f"{where}.{msg}") from exc
+        raise ConfigError(f"{where}: {msg}") from exc
     return obj
 
 

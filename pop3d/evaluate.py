@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pop3d.metrics import EMPTY_CLASS, IGNORE_LABEL, MeanIoU, voxel_prediction, zero_shot_classes
+from p3d_common.banner import warn_meaningless
+from p3d_common.labels import CLASS_NAMES, EMPTY_CLASS, IGNORE_LABEL, RAW_TO_NOIGNORE, SEMANTIC_CLASSES
+from pop3d.metrics import MeanIoU, voxel_prediction, zero_shot_classes
 from pop3d.preprocess import prepare_student_inputs
-
-CLASS_NAMES = ("barrier", "bicycle", "bus", "car", "construction_vehicle", "motorcycle", "pedestrian",
-               "traffic_cone", "trailer", "truck", "driveable_surface", "other_flat", "sidewalk", "terrain",
-               "manmade", "vegetation", "empty")
 
 
 @dataclass
@@ -34,11 +32,14 @@ class TextPrompts:
 
 def prompts_from_raw(embeddings: torch.Tensor, raw_ids: torch.Tensor) -> TextPrompts:
     """Map each prompt's raw lidarseg id (0..31) to the 16 classes and drop prompts of ignored classes."""
-    from shards.geometry import RAW_TO_NOIGNORE
-
     if embeddings.dim() != 2 or raw_ids.shape != (embeddings.shape[0],):
         raise ValueError(f"text embeddings must be (K, C) with K class ids, got {tuple(embeddings.shape)} and "
                          f"{tuple(raw_ids.shape)}")
+    n_raw = len(RAW_TO_NOIGNORE)
+    bad = (raw_ids < 0) | (raw_ids >= n_raw)
+    if bool(bad.any()):
+        raise ValueError(f"text embeddings: class id(s) {sorted(set(raw_ids[bad].tolist()))} outside the raw "
+                         f"lidarseg ids 0..{n_raw - 1}")
     cls = torch.from_numpy(np.asarray(RAW_TO_NOIGNORE)[raw_ids.numpy()].astype(np.int64))
     keep = cls > 0
     return TextPrompts(embeddings[keep].float(), cls[keep], int((~keep).sum()))
@@ -96,17 +97,21 @@ class EvalMeters:
 @torch.no_grad()
 def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, student_image_hw=None,
              normalized_cosine: bool = False, max_samples: int | None = None, progress: bool = True,
-             bf16: bool | None = None) -> EvalMeters:
+             accelerator=None, bf16: bool | None = None) -> EvalMeters:
     """Run zero-shot evaluation over ``loader`` (batch size 1).
 
     The student is called as the original evaluation did: features asked at every LiDAR point (grid
-    coordinates, clipped), voxel features on (pipeline.md §4.2). ``bf16`` (default: on CUDA) runs the
-    student under bfloat16 autocast (its geometry and deformable sampling stay fp32); scoring is fp32.
+    coordinates, clipped), voxel features on (pipeline.md §4.2). Multi-process: give each rank its own share
+    of the split (``shards.order.eval_loader``) and the ``accelerator``: the counts and the sample count are
+    summed over processes (``accelerator.reduce``), so every rank returns the whole split's meters.
+    ``bf16`` (default: on CUDA) runs the student under bfloat16 autocast (its geometry and deformable sampling
+    stay fp32); scoring is fp32.
     """
     from tqdm.auto import tqdm
 
-    meters = EvalMeters(MeanIoU(list(range(1, 18)), list(CLASS_NAMES)), MeanIoU([0, 1], ["free", "occupied"]),
-                        MeanIoU(list(range(1, 17)), list(CLASS_NAMES[:16]), ignore_label=0,
+    scored = [*SEMANTIC_CLASSES, EMPTY_CLASS]
+    meters = EvalMeters(MeanIoU(scored, [CLASS_NAMES[k] for k in scored]), MeanIoU([0, 1], ["free", "occupied"]),
+                        MeanIoU(list(SEMANTIC_CLASSES), [CLASS_NAMES[k] for k in SEMANTIC_CLASSES], ignore_label=0,
                                 unit="points"))
     from pop3d.cuda_setup import apply_speed_settings
 
@@ -133,16 +138,25 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
         if max_samples is not None and meters.samples >= max_samples:
             break
     bar.close()
+    if accelerator is not None and accelerator.num_processes > 1:
+        reduce_meters(meters, accelerator)
     return meters
+
+
+def reduce_meters(meters: EvalMeters, accelerator) -> None:
+    """Sum every meter's counts and the sample count over processes (in place, on every rank)."""
+    dev = accelerator.device
+    for meter in (meters.semantic, meters.occupancy, meters.points):
+        meter.counts = accelerator.reduce(meter.counts.to(dev), reduction="sum").cpu()
+    meters.samples = int(accelerator.reduce(torch.tensor([meters.samples], device=dev), reduction="sum"))
 
 
 def select_text_prompts(text_path: str | None, use_random: bool, feature_dim: int) -> TextPrompts:
     """The prompts a command asked for: random ones (with a loud banner), a file, or an error that says how to
     get one. Raises ValueError when none was given or the dimension differs from the student's."""
     if use_random:
-        bar = "!" * 100
-        print(f"{bar}\n!! RANDOM TEXT EMBEDDINGS: class scores and colours are meaningless; they only show that "
-              f"the pipeline runs.\n{bar}")
+        warn_meaningless("RANDOM TEXT EMBEDDINGS: class scores and colours are meaningless; they only show that "
+                         "the pipeline runs.")
         prompts = random_text_prompts(feature_dim)
     elif text_path:
         prompts = load_text_prompts(text_path)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from p3d_common.labels import IGNORE_LABEL as IGNORE_INDEX
 
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-EMPTY_CLASS = 17
-IGNORE_LABEL = 255
+from p3d_common.labels import EMPTY_CLASS, IGNORE_LABEL
 
 
 @dataclass

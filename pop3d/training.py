@@ -1,28 +1,31 @@
 """The training loop: a shard batch -> live teacher targets -> student forward -> losses -> AdamW step.
 
-Accelerate owns devices, processes and mixed precision. What it does *not* get:
+Accelerate owns devices, processes, mixed precision, gradient accumulation and the TensorBoard tracker. What
+it does *not* get:
 
-- the data loader: the WebDataset pipeline already splits shards by node and worker; ``accelerator.prepare``
-  would wrap it in ``IterableDatasetShard`` and split the stream a second time. Every rank iterates its own
-  loader and moves batches to its device; every rank runs the same number of steps per epoch (a rank whose
-  shards run out starts its stream again), so DDP never waits on a missing rank;
-- the teacher: frozen, in eval mode, under ``no_grad``, on every rank's own device, never in the optimiser,
-  never in a saved state.
+- the data: ``shards/order.py`` plans which sample every (epoch, step, rank, micro-step) reads; a global
+  step reads ``world * grad_accum`` slots, so the global batch is the same on 1, 2 or N processes, and a
+  resumed run starts at the right shard and sample without decoding anything it skips;
+- the random draws: photometric augmentation, GridMask and dropout draw from generators seeded by
+  (seed, epoch, sample token) before every micro-step; the student's initialisation and a random teacher are
+  seeded by the config alone. Nothing random lives in a process, so a checkpoint needs no RNG state;
+- the checkpoints: ``pop3d/run_state.py`` writes safetensors + JSON atomically and never reads a pickle;
+- the teacher: frozen, in eval mode, under ``no_grad``, never in the optimiser, never in a saved state.
 
-Per step (batch size 1 per process, as the official model):
+Per micro-step (batch size 1 per process, as the official model):
 
     images uint8 (1,6,3,900,1600) --teacher--> targets (M, C) at proj_rowcol of camera proj_cam
     images --prepare_student_inputs (aug, caffe norm, pad)--> TPVFormer(points=None, features=grid_ind[proj_point])
     loss = lovasz + CE on logits_vox vs occupancy  +  w * MSE(logits_pts_fts, targets)
+
+Logged losses are global-batch means (mean over micro-steps, then ``accelerator.reduce`` over processes).
 """
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +33,36 @@ import torch
 import yaml
 
 from pop3d.config import RunConfig, config_to_dict
-from pop3d.cuda_setup import TRAIN_KEYS, DevicePrefetcher, SpeedConfig, StepTimer, apply_speed_settings
+from pop3d.cuda_setup import TRAIN_KEYS, SpeedConfig, StepTimer, apply_speed_settings, move_batch
+from pop3d.factory import batch_to_device, build_student, grid_spec_of, save_student  # noqa: F401
 from pop3d.losses import LossTerms, pop3d_loss
 from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler
+from shards.order import stable_seed
 
 log = logging.getLogger("pop3d.train")
 
-STATE_FILE = "trainer_state.json"
+LOSS_NAMES = ("total", "lovasz", "ce", "feature")
 
 
-def build_student(cfg: RunConfig):
-    from pop3d.model.tpvformer import TPVFormer
-
-    return TPVFormer(cfg.model)
+class TrainSetupError(ValueError):
+    """A run that cannot start as configured (data, output folder, checkpoint); the message says what to do."""
 
 
-def grid_spec_of(cfg: RunConfig):
-    """The voxel grid of the student config as the shards' GridSpec."""
-    from shards.geometry import GridSpec
+# ---- model pieces -----------------------------------------------------------------------------------------
+def build_models(cfg: RunConfig, device: torch.device):
+    """Student and teacher, each initialised from a seed derived from the config only (same on every rank)."""
+    from pop3d.checkpoint import load_student_weights
+    from teacher.live import build_teacher_from_config
 
-    m = cfg.model
-    return GridSpec(pc_min=tuple(m.pc_range[:3]), pc_max=tuple(m.pc_range[3:]), size=(m.tpv_w, m.tpv_h, m.tpv_z))
-
-
-def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move tensors (and lists of tensors) of a batch dict to ``device``; other values pass through."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            out[key] = [v.to(device, non_blocking=True) for v in value]
-        else:
-            out[key] = value
-    return out
+    torch.manual_seed(stable_seed(cfg.train.seed, "student-init"))
+    model = build_student(cfg)
+    if cfg.train.init_weights:
+        report = load_student_weights(model, cfg.train.init_weights, kind=cfg.train.init_kind)
+        log.info("init weights %s: %s", cfg.train.init_weights, report)
+    torch.manual_seed(stable_seed(cfg.train.seed, "teacher-init"))
+    teacher = build_teacher_from_config(cfg.teacher, device=device)
+    return model, teacher
 
 
 def feature_points(batch: dict[str, Any]) -> torch.Tensor:
@@ -75,6 +73,13 @@ def feature_points(batch: dict[str, Any]) -> torch.Tensor:
     if len(batch["grid_ind"]) != 1:
         raise ValueError("the training step expects batch size 1 per process")
     return batch["grid_ind"][0][batch["proj_point"]].unsqueeze(0).float()
+
+
+def sample_generators(seed: int, epoch: int, token: str) -> torch.Generator:
+    """Seed the random draws of one sample: the global RNGs (GridMask, dropout, on every device) from
+    (seed, epoch, token, "model"); returns the CPU generator of its photometric augmentation."""
+    torch.manual_seed(stable_seed(seed, epoch, token, "model"))
+    return torch.Generator().manual_seed(stable_seed(seed, epoch, token, "photometric"))
 
 
 def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generator: torch.Generator | None,
@@ -104,158 +109,323 @@ def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generato
     return terms, {"teacher_ms": 1e3 * (t1 - t0), "student_fwd_ms": 1e3 * (t2 - t1)}
 
 
-def _repeat(loader) -> Iterator[dict[str, Any]]:
-    """Iterate ``loader`` forever (each pass reshuffles shards), so every rank can take the same step count."""
-    for epoch in itertools.count():
-        loader.dataset.set_epoch(epoch)
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise RuntimeError("the training loader yielded no sample: check the shards and the split name")
+# ---- data ---------------------------------------------------------------------------------------------------
+class TrainData:
+    """The planned training stream of this rank (see shards/order.py)."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world: int) -> None:
+        from shards.loader import list_shards
+        from shards.order import PlannedSamples, check_slots, planned_loader, steps_per_epoch
+        from shards.verify import shard_index
+
+        d, tc = cfg.data, cfg.train
+        self.urls, self.counts = list_shards(d.shards, d.train_split)
+        if not self.counts:
+            raise TrainSetupError(f"{d.shards}: no manifest.json with sample counts (scripts/build_shards.py "
+                                  "writes it)")
+        self.rank, self.world, self.accum, self.seed = rank, world, tc.grad_accum_steps, tc.seed
+        self.shuffle_block = d.shuffle_buffer
+        try:
+            check_slots(len(self.urls), world * self.accum, f"{d.shards} split {d.train_split!r}")
+        except ValueError as exc:
+            raise TrainSetupError(str(exc)) from exc
+        self.n_samples = sum(self.counts.values())
+        self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], world * self.accum)
+        self.dataset = PlannedSamples(self.counts, grid_spec_of(cfg), with_eval_gt=False,
+                                      index=shard_index(d.shards, d.train_split))
+        self.loader = planned_loader(self.dataset, d.num_workers)
+
+    def epoch(self, epoch: int, start_step: int):
+        """Yield (step_in_epoch, [micro-batches]) from ``start_step`` to the end of ``epoch``."""
+        from shards.order import check_order, train_items
+
+        self.dataset.set_items(train_items(self.urls, self.counts, seed=self.seed, epoch=epoch,
+                                           start_step=start_step, rank=self.rank, world=self.world,
+                                           accum=self.accum, shuffle_block=self.shuffle_block))
+        it = iter(self.loader)
+        for p in range(start_step, self.steps_per_epoch):
+            micro = []
+            for a in range(self.accum):
+                batch = next(it)
+                check_order(batch["order"], (epoch, p, a))
+                micro.append(batch)
+            yield p, micro
 
 
-def _latest_checkpoint(out_dir: Path) -> Path | None:
-    ckpts = sorted((out_dir / "checkpoints").glob("step_*"))
-    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]  # only complete checkpoints
-    return ckpts[-1] if ckpts else None
+# ---- one step -------------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    losses: torch.Tensor
+    """(4,) float64 on the device: this rank's mean of total, lovasz, ce, feature over its micro-steps."""
+    grad_norm: torch.Tensor | float | None
+    timings: dict[str, float] = field(default_factory=dict)
+    timer: Any = None
+    """pop3d.cuda_setup.StepTimer of the step (CUDA events), read only when the step is logged."""
+    nonfinite: torch.Tensor | None = None
+    """() bool on the device: a micro-step's loss was not finite (read on log and save steps only)."""
 
 
-def save_student(model, path: Path, cfg: RunConfig, step: int) -> None:
-    """Student weights only (never the teacher), as safetensors, with the config in the metadata."""
-    from teacher.weights_io import save_safetensors
+def train_step(model, teacher, micro_batches: list[dict[str, Any]], cfg: RunConfig, accelerator, optimizer,
+               global_step: int) -> StepResult:
+    """Forward/backward over this rank's micro-batches of one global step, then one clipped AdamW step."""
+    tc = cfg.train
+    sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=accelerator.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+    grad_norm = None
+    timer = StepTimer(accelerator.device)  # no host sync here: read by step_record on log steps
+    timer.start()
+    for batch in micro_batches:
+        photometric = sample_generators(tc.seed, batch["order"][0], batch["tokens"][0])
+        batch = move_batch(batch, accelerator.device, TRAIN_KEYS)  # only what the step reads
+        with accelerator.accumulate(model):
+            terms, _ = compute_loss(model, teacher, batch, cfg, photometric, train=True, timer=timer)
+            nonfinite |= ~torch.isfinite(terms.total.detach())
+            accelerator.backward(terms.total)
+            timer.mark("student_bwd")
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            timer.mark("optimizer")
+        sums += torch.stack([getattr(terms, k).detach() for k in LOSS_NAMES]).double()
+    return StepResult(sums / len(micro_batches), grad_norm, {}, timer, nonfinite)
 
-    save_safetensors(model.state_dict(), path, metadata={"format": "pop3d-student", "step": str(step),
-                                            "model_config": config_to_dict(cfg.model)})
+
+# ---- validation ------------------------------------------------------------------------------------------------
+def validation_prompts(cfg: RunConfig):
+    from pop3d.evaluate import load_text_prompts, random_text_prompts
+
+    if cfg.eval.text_embeddings:
+        return load_text_prompts(cfg.eval.text_embeddings)
+    log.warning("validation with RANDOM text embeddings (eval.text_embeddings not set): the semantic mIoU is "
+                "meaningless; the occupancy IoU is not")
+    return random_text_prompts(cfg.model.feature_dim)
 
 
-def train(cfg: RunConfig, *, resume: bool = False) -> Path:
-    """Run training as configured; returns the path of the final student safetensors."""
+def validate(model, cfg: RunConfig, accelerator, prompts) -> dict[str, float]:
+    """Zero-shot metrics on the val split, every rank its own shards, counts summed over processes."""
+    from pop3d.evaluate import evaluate
+    from shards.order import eval_loader
+
+    loader = eval_loader(cfg.data.shards, cfg.data.val_split, grid_spec_of(cfg), rank=accelerator.process_index,
+                         world=accelerator.num_processes, num_workers=cfg.data.num_workers,
+                         max_samples=cfg.eval.max_samples)
+    m = evaluate(accelerator.unwrap_model(model), loader, prompts, device=accelerator.device,
+                 student_image_hw=cfg.data.student_image_hw, normalized_cosine=cfg.eval.normalized_cosine,
+                 progress=False, accelerator=accelerator)
+    sem, occ, pts = m.semantic.summary(), m.occupancy.summary(), m.points.summary()
+    return {"val/miou": sem["miou_present"], "val/miou_official": sem["miou_official"],
+            "val/occupancy_iou": 100.0 * float(m.occupancy.iou()[1]), "val/occupancy_miou": occ["miou_present"],
+            "val/points_miou": pts["miou_present"], "val/samples": m.samples}
+
+
+def validation_setup(cfg: RunConfig):
+    """Check the val split now (not after the first epoch) and return the prompts validation scores with."""
+    from shards.loader import list_shards
+
+    try:
+        if not list_shards(cfg.data.shards, cfg.data.val_split)[1]:
+            raise ValueError("no manifest.json with sample counts")
+    except ValueError as exc:
+        raise TrainSetupError(f"validation (train.val_every_epochs={cfg.train.val_every_epochs}) needs the split "
+                              f"{cfg.data.val_split!r} of {cfg.data.shards}: {exc}; set data.val_split or "
+                              "train.val_every_epochs=0") from exc
+    return validation_prompts(cfg)
+
+
+def validate_and_log(model, cfg: RunConfig, accelerator, prompts, run_log, step: int, epoch: int,
+                     best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validation at an epoch end: log the metrics, put the model back in train mode, return the new best."""
+    metrics = validate(model, cfg, accelerator, prompts)
+    model.train()
+    run_log.write({"step": step, "epoch": epoch, **metrics})
+    accelerator.print(f"validation after epoch {epoch}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if best is None or metrics["val/miou"] > best["miou"]:  # NaN (no class present) never becomes the best
+        best = {"step": step, "miou": metrics["val/miou"]}
+    return best
+
+
+# ---- logging ---------------------------------------------------------------------------------------------------
+class RunLog:
+    """log.jsonl (rank 0), the Python log and accelerate's trackers (TensorBoard)."""
+
+    def __init__(self, out_dir: Path, accelerator) -> None:
+        self.path, self.accelerator = out_dir / "log.jsonl", accelerator
+
+    def write(self, record: dict[str, Any]) -> None:
+        import json
+
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k not in ("step", "epoch")},
+                             step=record["step"])
+
+
+def step_record(result: StepResult, accelerator, optimizer, step: int, epoch: int, n_steps: int, seconds: float,
+                samples_per_step: int) -> dict[str, Any]:
+    """The global-batch record of a step (a collective: every rank calls it at the same steps)."""
+    losses = accelerator.reduce(result.losses, reduction="mean").tolist()
+    timings = result.timings
+    if result.timer is not None:
+        timings = {**result.timer.read(), "timer": result.timer.kind}
+    grad_norm = None if result.grad_norm is None else float(result.grad_norm)
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+    step_ms = 1e3 * seconds / max(n_steps, 1)
+    rec = {"step": step, "epoch": epoch, **dict(zip(LOSS_NAMES, losses)), "lr": optimizer.param_groups[0]["lr"],
+           **{f"lr/{k}": v for k, v in lrs.items()}, "samples_per_s": samples_per_step * n_steps / seconds,
+           "teacher_share": timings.get("teacher_ms", 0.0) / step_ms if step_ms > 0 else 0.0,
+           "grad_norm": grad_norm, **timings}
+    return rec
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, step: int, epoch: int,
+                    best: dict[str, Any] | None, keep: int, slots: int) -> None:
+    """Rank 0 writes the checkpoint folder, then deletes all but the newest ``keep`` and the best one."""
+    from pop3d.run_state import checkpoint_dir, prune_checkpoints, save_run_state
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        scaler = getattr(accelerator, "scaler", None)
+        save_run_state(checkpoint_dir(out_dir, step), model_state=accelerator.unwrap_model(model).state_dict(),
+                       optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                       scaler_state=scaler.state_dict() if scaler is not None else None, step=step, epoch=epoch,
+                       extra={"best": best, "slots": slots})
+        prune_checkpoints(out_dir, keep, {best["step"]} if best else set())
+    accelerator.wait_for_everyone()
+
+
+def check_output_dir(out_dir: Path, resume: bool) -> None:
+    """A fresh start must not mix with an earlier run's checkpoints; a log without any checkpoint (a run killed
+    before its first save) is emptied."""
+    from pop3d.run_state import list_checkpoints, truncate_log
+
+    if resume:
+        return
+    if list_checkpoints(out_dir):
+        raise TrainSetupError(f"{out_dir} already holds a run's checkpoints: pass --resume to continue it, or "
+                              "choose another train.output_dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        truncate_log(out_dir / "log.jsonl", 0)
+
+
+def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: Path, slots: int
+            ) -> tuple[int, dict | None]:
+    """Load the newest checkpoint (if any); cut log.jsonl back to its step. Returns (step, best)."""
+    from pop3d.run_state import list_checkpoints, load_run_state, truncate_log
+
+    ckpts = list_checkpoints(out_dir)
+    if not ckpts:
+        accelerator.print(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting fresh")
+        return 0, None
+    state = load_run_state(ckpts[-1], accelerator.unwrap_model(model), optimizer, scheduler,
+                           getattr(accelerator, "scaler", None))
+    if state.get("slots") not in (None, slots):
+        raise TrainSetupError(f"{ckpts[-1]}: written with a global batch of {state['slots']} (processes x "
+                         f"grad_accum_steps), this run has {slots}: set train.grad_accum_steps so that they match")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        dropped = truncate_log(log_path, state["step"])
+        if dropped:
+            log.info("log.jsonl: dropped %d record(s) after step %d", dropped, state["step"])
+    accelerator.print(f"resumed from {ckpts[-1]} at step {state['step']}")
+    return int(state["step"]), state.get("best")
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from tqdm.auto import tqdm
-
-    from pop3d.checkpoint import load_student_weights
-    from shards.loader import list_shards, make_loader
-    from teacher.live import build_teacher_from_config
+    from accelerate.utils import DistributedDataParallelKwargs
 
     tc = cfg.train
-    out_dir = Path(tc.output_dir)
     # cpu=True on machines without CUDA: only then does accelerate join the gloo process group that
     # `accelerate launch --multi_gpu` / torchrun set up (without it every process trains alone, silently).
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accum_steps,
+        gradient_accumulation_steps=tc.grad_accum_steps, project_dir=tc.output_dir,
+        log_with="tensorboard" if tc.tensorboard else None,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"the launcher started {launched} processes but accelerate joined "
                            f"{accelerator.num_processes}; on CPU-only machines launch with "
                            f"`accelerate launch --multi_gpu --num_processes N` or torchrun")
-    set_seed(tc.seed, device_specific=True)
-    is_main = accelerator.is_main_process
+    return accelerator
+
+
+def train(cfg: RunConfig, *, resume: bool = False) -> Path:
+    """Run training as configured; returns the path of the final student safetensors."""
+    from tqdm.auto import tqdm
+
+    tc = cfg.train
+    out_dir = Path(tc.output_dir)
+    check_output_dir(out_dir, resume)
+    accelerator = make_accelerator(cfg)
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-    model = build_student(cfg)
-    if tc.init_weights:
-        report = load_student_weights(model, tc.init_weights, kind=tc.init_kind)
-        accelerator.print(f"init weights {tc.init_weights}: {report}")
+    # 1. data plan and schedule (from the manifest: identical on every rank); validation prompts
+    data = TrainData(cfg, accelerator.process_index, world)
+    spe = data.steps_per_epoch
+    total_steps = spe * tc.epochs if tc.max_steps is None else min(spe * tc.epochs, tc.max_steps)
+    prompts = validation_setup(cfg) if tc.val_every_epochs else None
+
+    # 2. models, optimiser, schedule; then the checkpoint, if resuming
+    model, teacher = build_models(cfg, accelerator.device)
     speed = getattr(cfg, "speed", None) or SpeedConfig()
     accelerator.print(f"speed settings: {apply_speed_settings(speed, accelerator.device, model)}")
-    teacher = build_teacher_from_config(cfg.teacher, device=accelerator.device)
-
-    world = accelerator.num_processes
-    _, counts = list_shards(cfg.data.shards, cfg.data.train_split)
-    if not counts:
-        raise ValueError(f"{cfg.data.shards}: no manifest.json with sample counts (scripts/build_shards.py writes it)")
-    n_train = sum(counts.values())
-    steps_per_epoch = max(1, n_train // (world * tc.batch_size * tc.grad_accum_steps))
-    total_steps = steps_per_epoch * tc.epochs
-    if tc.max_steps is not None:
-        total_steps = min(total_steps, tc.max_steps)
     optimizer = build_optimizer(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay)
-    scheduler = build_scheduler(optimizer, steps_per_epoch * tc.epochs, tc.warmup_steps, tc.warmup_lr_init,
-                                tc.lr_min)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    scheduler = build_scheduler(optimizer, spe * tc.epochs, tc.warmup_steps, tc.warmup_lr_init, tc.lr_min)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: saved as JSON
+    run_log = RunLog(out_dir, accelerator)
+    slots = world * tc.grad_accum_steps
+    step, best = (restore(accelerator, model, optimizer, scheduler, out_dir, run_log.path, slots) if resume
+                  else (0, None))
+    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1}})
 
-    step = 0
-    if resume:
-        ckpt = _latest_checkpoint(out_dir)
-        if ckpt is None:
-            accelerator.print(f"--resume: no complete checkpoint under {out_dir / 'checkpoints'}; starting fresh")
-        else:
-            accelerator.load_state(str(ckpt))
-            step = json.loads((ckpt / STATE_FILE).read_text())["step"]
-            accelerator.print(f"resumed from {ckpt} at step {step}")
-
-    loader = make_loader(cfg.data.shards, cfg.data.train_split, batch_size=tc.batch_size,
-                         num_workers=cfg.data.num_workers, grid=grid_spec_of(cfg), shuffle=True, seed=tc.seed,
-                         eval_gt=False, shuffle_buffer=cfg.data.shuffle_buffer,
-                         pin_memory=speed.pin_memory and accelerator.device.type == "cuda")
-    stream = _repeat(loader)
-    # Skip what a resumed run already consumed (the stream's order is a function of the seed).
-    for _ in range(step * tc.grad_accum_steps):
-        next(stream)
-    device_batches = DevicePrefetcher(stream, accelerator.device, TRAIN_KEYS, enabled=speed.prefetch)
-    timer = StepTimer(accelerator.device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # read on log steps only
-
-    generator = torch.Generator().manual_seed(tc.seed * 1000 + accelerator.process_index + step)
-    model.train()
     accelerator.print(
-        f"training: {n_train} samples, {world} process(es), {steps_per_epoch} steps/epoch, {total_steps} steps "
+        f"training: {data.n_samples} samples, {world} process(es), {spe} steps/epoch, {total_steps} steps "
         f"(batch {tc.batch_size} x accum {tc.grad_accum_steps} x {world}), precision {tc.mixed_precision}")
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    log_path = out_dir / "log.jsonl"
-    t_last = time.perf_counter()
+    model.train()
+    t_last, steps_since = time.perf_counter(), 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # read on log/save steps only
+    # 3. epochs: steps (log, save), then validation and the epoch-end checkpoint
     while step < total_steps:
-        timer.start()
-        for _ in range(tc.grad_accum_steps):
-            batch = next(device_batches)
-            with accelerator.accumulate(model):
-                terms, _ = compute_loss(model, teacher, batch, cfg, generator, train=True, timer=timer)
-                nonfinite |= ~torch.isfinite(terms.total.detach())  # no host sync: checked on log steps
-                accelerator.backward(terms.total)
-                timer.mark("student_bwd")
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                timer.mark("optimizer")
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        saving = step % tc.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps
-        if (step % tc.log_every == 0 or saving) and bool(nonfinite):  # never log on or save past a bad step
-            raise FloatingPointError(f"non-finite loss at a step <= {step} (since the last check): "
-                                     f"{terms.as_floats()} (last sample {batch['tokens']})")
-        if step % tc.log_every == 0 or step == total_steps:
-            timings = {**timer.read(), "timer": timer.kind}
-            now = time.perf_counter()
-            record = {"step": step, "epoch": (step - 1) // steps_per_epoch, **terms.as_floats(),
-                      "lr": optimizer.param_groups[0]["lr"], "s_per_step": (now - t_last) / tc.log_every,
-                      **timings}
-            t_last = now
-            bar.set_postfix(loss=f"{record['total']:.4f}", feat=f"{record['feature']:.4f}")
-            if is_main:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("step %d/%d loss %.4f (lovasz %.4f ce %.4f feat %.4f) lr %.2e teacher %.0f ms",
-                         step, total_steps, record["total"], record["lovasz"], record["ce"], record["feature"],
-                         record["lr"], record["teacher_ms"])
-        if saving:
-            ckpt = out_dir / "checkpoints" / f"step_{step:07d}"
-            accelerator.save_state(str(ckpt))
-            if is_main:
-                (ckpt / STATE_FILE).write_text(json.dumps({"step": step}))  # written last: marks it complete
+        epoch = step // spe
+        for p, micro in data.epoch(epoch, step % spe):
+            result = train_step(model, teacher, micro, cfg, accelerator, optimizer, step)
+            scheduler.step()
+            step, steps_since = step + 1, steps_since + 1
+            bar.update(1)
+            nonfinite |= result.nonfinite
+            epoch_end = step % spe == 0
+            saving = step % tc.save_every == 0 or epoch_end or step == total_steps
+            if (step % tc.log_every == 0 or saving) and bool(nonfinite):  # never log on or save past it
+                raise FloatingPointError(f"non-finite loss at a step <= {step} (since the last check); "
+                                         f"last sample {micro[-1]['tokens']}")
+            if step % tc.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rec = step_record(result, accelerator, optimizer, step, epoch, steps_since, now - t_last,
+                                  world * tc.grad_accum_steps * tc.batch_size)
+                t_last, steps_since = now, 0
+                run_log.write(rec)
+                bar.set_postfix(loss=f"{rec['total']:.4f}", feat=f"{rec['feature']:.4f}")
+            if epoch_end and tc.val_every_epochs and (step // spe) % tc.val_every_epochs == 0:
+                best = validate_and_log(model, cfg, accelerator, prompts, run_log, step, epoch, best)
+            if saving:
+                save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, step, epoch, best,
+                                tc.keep_checkpoints, slots)
+            if step >= total_steps:
+                break
     bar.close()
     accelerator.wait_for_everyone()
     final = out_dir / "student.safetensors"
     if is_main:
         save_student(accelerator.unwrap_model(model), final, cfg, step)
         accelerator.print(f"saved student weights to {final}")
+    accelerator.end_training()
     return final

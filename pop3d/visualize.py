@@ -2,7 +2,7 @@
 
 Pure functions on numpy / torch arrays; matplotlib is imported only by :func:`render_sample` (Agg backend,
 no display needed). Class ids are those of the evaluation (pipeline.md §4): 1..16 the nuScenes-lidarseg
-classes of :data:`pop3d.evaluate.CLASS_NAMES`, 17 empty / free (never drawn), 255 unobserved, 0 ignore (noise).
+classes of :data:`p3d_common.labels.CLASS_NAMES`, 17 empty / free (never drawn), 255 unobserved, 0 ignore (noise).
 
 Orientation of every top-down picture (:func:`bev_image`): image columns run along LiDAR +x (left to right),
 image rows along LiDAR -y (the top row is the largest y), i.e. the LiDAR frame seen from above with x to the
@@ -16,12 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from pop3d.evaluate import CLASS_NAMES as _EVAL_CLASS_NAMES
-from pop3d.metrics import EMPTY_CLASS
-from pop3d.metrics import IGNORE_LABEL as UNOBSERVED
-
-CLASS_NAMES = _EVAL_CLASS_NAMES[:16]
-"""Names of classes 1..16 (:data:`pop3d.evaluate.CLASS_NAMES` without 'empty')."""
+from p3d_common.labels import CLASS_NAMES, EMPTY_CLASS
+from p3d_common.labels import IGNORE_LABEL as UNOBSERVED
 
 #: uint8 (18, 3) RGB per class id: 0 ignore/noise, 1..16 the nuScenes-lidarseg colours of the devkit's
 #: colormap for the merged classes, 17 empty (the BEV background; never drawn in 3D).
@@ -289,7 +285,7 @@ def render_sample(images, prediction, gt=None, teacher_points=None, *, title: st
     ax_leg.set_axis_off()
     present = _present_classes(pred, gt)
     handles = [Patch(facecolor=colors[k] / 255.0, edgecolor="black", linewidth=0.4,
-                     label=CLASS_NAMES[k - 1] + ("" if k in present else "  (absent)"))
+                     label=CLASS_NAMES[k] + ("" if k in present else "  (absent)"))
                for k in range(1, EMPTY_CLASS)]
     handles.append(Patch(facecolor=colors[EMPTY_CLASS] / 255.0, edgecolor="black", linewidth=0.4,
                          label="empty / free"))

@@ -8,7 +8,9 @@ Examples::
     python scripts/build_shards.py --dataroot data/nuscenes --version v1.0-trainval v1.0-test \\
         --splits train val test --out data/shards --workers 16
 
-Re-running the same command after an interruption keeps the finished shards and writes the rest.
+Re-running the same command after an interruption keeps the finished shards and writes the rest (a shard
+whose source files changed is rewritten). Files in --out that this builder did not write are left alone; one
+at a name the build must write stops it. Check a finished set with scripts/verify_shards.py.
 Exit status 2 with a message naming the file on bad input.
 """
 
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip samples with bad files (listed in manifest.json) instead of failing")
     p.add_argument("--verify", choices=("sha256", "size"), default="sha256",
                    help="check of finished shards when resuming")
+    p.add_argument("--source-check", choices=("stat", "content"), default="stat",
+                   help="how a finished shard's source files are compared on resume: size+mtime, or sha256")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = build_shards(a.dataroot, a.version, a.splits, a.out, workers=a.workers,
                          samples_per_shard=a.samples_per_shard, skip_bad=a.skip_bad, verify=a.verify,
-                         progress=not a.no_progress)
+                         progress=not a.no_progress, source_check=a.source_check)
     except DataError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2

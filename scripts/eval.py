@@ -7,6 +7,10 @@
 Prints the per-class IoU table and writes JSON next to the weights (or --out). ``miou_official`` counts classes
 absent from the GT as IoU 1 (the original's rule, comparable with the published 16.66 on the full val split);
 ``miou_present`` averages the classes present.
+
+Several processes (each reads its own val shards; the confusion counts are summed, so the numbers are
+exactly the one-process numbers): ``accelerate launch --num_processes N scripts/eval.py ...`` (on CPU-only
+machines add ``--multi_gpu``).
 """
 from __future__ import annotations
 
@@ -36,15 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
 
+    import os
+
     import torch
 
+    from p3d_common.atomic import atomic_path
     from pop3d.checkpoint import load_student_weights
     from pop3d.evaluate import evaluate, select_text_prompts
-    from pop3d.training import build_student, grid_spec_of
+    from pop3d.factory import build_student, grid_spec_of
     from shards.loader import make_loader
-    from teacher.weights_io import atomic_path
+    from shards.order import eval_loader
 
-    device = torch.device(args.device)
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = accelerator.device
+    else:
+        device = torch.device(args.device)
+    is_main = accelerator is None or accelerator.is_main_process
     model = build_student(cfg)
     report = load_student_weights(model, args.weights, kind="pop3d")
     print(f"weights {args.weights}: {report}")
@@ -56,10 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     split = args.split or cfg.data.val_split
-    loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
-                         grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
-    m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
-                 normalized_cosine=cfg.eval.normalized_cosine, max_samples=args.max_samples or cfg.eval.max_samples)
+    max_samples = args.max_samples or cfg.eval.max_samples
+    from shards.errors import DATA_ERRORS, one_line
+
+    try:  # a damaged / missing / old shard: named shard + sample key, exit 2, no traceback
+        if accelerator is not None:  # this rank's shards; counts summed over ranks
+            loader = eval_loader(cfg.data.shards, split, grid_spec_of(cfg), rank=accelerator.process_index,
+                                 world=accelerator.num_processes, num_workers=cfg.data.num_workers,
+                                 max_samples=max_samples)
+        else:
+            loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
+                                 grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
+        m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
+                     normalized_cosine=cfg.eval.normalized_cosine, max_samples=max_samples,
+                     progress=is_main, accelerator=accelerator)
+    except DATA_ERRORS as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    if not is_main:
+        return 0
     print(f"\nZero-shot semantic occupancy, voxels vs ray-cast GT, {split} ({m.samples} samples)\n"
           + m.semantic.table())
     print("\nOccupancy (free / occupied), voxels vs ray-cast GT\n" + m.occupancy.table())

@@ -20,7 +20,7 @@ cat <<'MSG'
 #  Real weights: see README.md "Weights" (convert the released checkpoints with scripts/convert_weights.py).#
 ############################################################################################################
 MSG
-$PY scripts/train.py --config configs/tiny.yaml
+$PY scripts/train.py --config configs/tiny.yaml --resume   # --resume: a second quick start continues the first
 echo "== 4/5 zero-shot evaluation on the synthetic val split"
 $PY scripts/eval.py --config configs/tiny.yaml --weights runs/tiny/student.safetensors --random-text-embeddings
 echo "== 5/5 picture of the predicted occupancy (cameras with the teacher's targets, top views, 3D)"

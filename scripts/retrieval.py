@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pop3d.checkpoint import load_student_weights
+    from pop3d.factory import build_student, grid_spec_of
     from pop3d.retrieval import (
         TABLE_SPLITS,
         BenchmarkError,
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         summarize,
         write_results,
     )
-    from pop3d.training import build_student, grid_spec_of
 
     try:
         entries = read_benchmark(args.benchmark, args.splits)

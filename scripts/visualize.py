@@ -22,7 +22,7 @@ from pop3d.config import add_config_arguments, config_from_args
 
 def save_figure_atomic(fig, out: Path, dpi: int) -> None:
     """Write ``fig`` as PNG to a temporary file next to ``out``, then rename it over ``out``."""
-    from teacher.weights_io import atomic_path
+    from p3d_common.atomic import atomic_path
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pop3d.checkpoint import load_student_weights
     from pop3d.evaluate import predict_sample, select_text_prompts
+    from pop3d.factory import build_student, grid_spec_of
     from pop3d.metrics import voxel_prediction
-    from pop3d.training import build_student, grid_spec_of
     from pop3d.visualize import render_sample, teacher_pca_colors
     from shards.loader import read_sample
 

@@ -20,14 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from p3d_common.labels import EMPTY_CLASS, IGNORE_LABEL
+
 __all__ = [
     "CAMERAS",
-    "CLASS_NAMES",
-    "EMPTY_LABEL",
-    "IGNORE_LABEL",
-    "LIDARSEG_CLASSES",
-    "RAW_TO_AGNOSTIC",
-    "RAW_TO_NOIGNORE",
     "GridSpec",
     "flat_voxel_ids",
     "grid_indices",
@@ -54,122 +50,13 @@ CAMERAS: tuple[str, ...] = (
     "CAM_BACK_RIGHT",
 )
 
-# ----------------------------------------------------------------------------------------------------------
-# Labels (pipeline.md 1.7)
-# ----------------------------------------------------------------------------------------------------------
-
-#: The 32 raw nuScenes-lidarseg classes, position = raw id (the ``index`` field of category.json).
-LIDARSEG_CLASSES: tuple[str, ...] = (
-    "noise",
-    "animal",
-    "human.pedestrian.adult",
-    "human.pedestrian.child",
-    "human.pedestrian.construction_worker",
-    "human.pedestrian.personal_mobility",
-    "human.pedestrian.police_officer",
-    "human.pedestrian.stroller",
-    "human.pedestrian.wheelchair",
-    "movable_object.barrier",
-    "movable_object.debris",
-    "movable_object.pushable_pullable",
-    "movable_object.trafficcone",
-    "static_object.bicycle_rack",
-    "vehicle.bicycle",
-    "vehicle.bus.bendy",
-    "vehicle.bus.rigid",
-    "vehicle.car",
-    "vehicle.construction",
-    "vehicle.emergency.ambulance",
-    "vehicle.emergency.police",
-    "vehicle.motorcycle",
-    "vehicle.trailer",
-    "vehicle.truck",
-    "flat.driveable_surface",
-    "flat.other",
-    "flat.sidewalk",
-    "flat.terrain",
-    "static.manmade",
-    "static.other",
-    "static.vegetation",
-    "vehicle.ego",
-)
-
-#: noIgnore class names: index 0 = ignore, 1..16 = the standard 16 lidarseg classes, 17 = empty.
-CLASS_NAMES: tuple[str, ...] = (
-    "ignore",
-    "barrier",
-    "bicycle",
-    "bus",
-    "car",
-    "construction_vehicle",
-    "motorcycle",
-    "pedestrian",
-    "traffic_cone",
-    "trailer",
-    "truck",
-    "driveable_surface",
-    "other_flat",
-    "sidewalk",
-    "terrain",
-    "manmade",
-    "vegetation",
-    "empty",
-)
-IGNORE_LABEL = 255  # ignore value of the voxel ground truth
-EMPTY_LABEL = 17  # noIgnore id of 'empty' (free space)
-
-_NOIGNORE_PAIRS = {
-    9: 1,
-    14: 2,
-    15: 3,
-    16: 3,
-    17: 4,
-    18: 5,
-    21: 6,
-    2: 7,
-    3: 7,
-    4: 7,
-    6: 7,
-    12: 8,
-    22: 9,
-    23: 10,
-    24: 11,
-    25: 12,
-    26: 13,
-    27: 14,
-    28: 15,
-    30: 16,
-    32: 17,
-}
-
-
-def _build_noignore() -> np.ndarray:
-    lut = np.zeros(33, dtype=np.uint8)  # everything not listed -> 0 (ignore)
-    for raw, cls in _NOIGNORE_PAIRS.items():
-        lut[raw] = cls
-    lut.setflags(write=False)
-    return lut
-
-
-def _build_agnostic() -> np.ndarray:
-    lut = np.ones(33, dtype=np.uint8)  # every raw id 0..31 -> 1 (occupied), including noise and ego
-    lut[32] = 0  # 'empty'
-    lut.setflags(write=False)
-    return lut
-
-
-#: uint8 (33,): raw lidarseg id (0..31, 32 = empty) -> noIgnore class (0 ignore, 1..16, 17 empty).
-RAW_TO_NOIGNORE: np.ndarray = _build_noignore()
-#: uint8 (33,): raw lidarseg id -> class-agnostic occupancy label (0..31 -> 1, 32 -> 0).
-RAW_TO_AGNOSTIC: np.ndarray = _build_agnostic()
-
 
 def map_labels(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Map raw lidarseg ids through a look-up table.
 
     Args:
         raw: integer array of any shape, values in ``[0, len(lut))`` (e.g. uint8 (N,) lidarseg labels).
-        lut: (L,) look-up table, e.g. ``RAW_TO_NOIGNORE`` or ``RAW_TO_AGNOSTIC``.
+        lut: (L,) look-up table, e.g. ``p3d_common.labels.RAW_TO_NOIGNORE`` or ``RAW_TO_AGNOSTIC``.
 
     Returns:
         array of ``raw``'s shape with ``lut``'s dtype.
@@ -336,7 +223,7 @@ def _check_labels(labels: np.ndarray, n: int, name: str) -> np.ndarray:
 
 
 def voxel_majority_label(
-    grid_ind: np.ndarray, labels: np.ndarray, grid: GridSpec = GridSpec(), fill: int = EMPTY_LABEL
+    grid_ind: np.ndarray, labels: np.ndarray, grid: GridSpec = GridSpec(), fill: int = EMPTY_CLASS
 ) -> np.ndarray:
     """Semantic voxel label (1.8-2): majority vote of the labels of the points in each voxel.
 
@@ -426,7 +313,7 @@ def raycast_eval_gt(
             flat = ia if flat is None else np.add(flat, ia, out=flat)
         free[flat.ravel()] = True
     out = np.full(nx * ny * nz, IGNORE_LABEL, dtype=np.uint8)
-    out[free] = EMPTY_LABEL
+    out[free] = EMPTY_CLASS
     _majority_into(out, flat_voxel_ids(grid_indices(p, grid, np.float64), grid), lab)
     return out.reshape(grid.shape)
 

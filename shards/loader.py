@@ -11,12 +11,14 @@ Pipeline (a ``webdataset.DataPipeline``, one copy per DataLoader worker)::
 
 Decoding: JPEG -> uint8 RGB (3, H, W) with OpenCV (``cv2.imdecode`` + BGR->RGB), the library
 ``mmcv.imread`` used in the original, so the pixels are the original's with the channels flipped. PIL and
-``torchvision.io.decode_jpeg`` (deprecated since torchvision 0.29) are libjpeg-turbo too and gave
-bit-identical pixels on the test images, but were slower here (6 x 1600x900: cv2 31 ms, torchvision 38 ms,
-PIL 74 ms incl. the channel-first copy). OpenCV comes with nuscenes-devkit (``opencv-python``).
+``torchvision.io.decode_jpeg`` are libjpeg-turbo too and gave bit-identical pixels on the test images, but
+were slower (benchmarks/bench_loading.py). OpenCV comes with nuscenes-devkit (``opencv-python``).
 
 Errors are never skipped: a truncated or corrupt shard raises :class:`ShardReadError` whose message
 starts with the shard's path (also through DataLoader workers, whose re-raised message carries it).
+Every sample is verified before it is decoded (:mod:`shards.verify`: member checksums, key order and the
+manifest's per-sample digest) and every failure names shard, sample key and member. ``source`` may be a
+folder or the URL of one (:mod:`shards.remote`: http(s), fsspec, ``pipe:``).
 
 Distributed use (HF accelerate): shards are split over ranks (``wds.split_by_node``) and then over
 DataLoader workers (``wds.split_by_worker``), so each rank reads its own shards and the loader must NOT
@@ -47,8 +49,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from p3d_common.labels import RAW_TO_NOIGNORE
+from shards.errors import ShardReadError
 from shards.geometry import (
-    RAW_TO_NOIGNORE,
     GridSpec,
     grid_indices,
     lidar_to_image,
@@ -58,8 +61,9 @@ from shards.geometry import (
     raycast_eval_gt,
     voxel_majority_label,
 )
-from shards.schema import check_fields, decode_arrays
-from shards.writer import read_manifest
+from shards.remote import is_remote, iter_tar_members
+from shards.schema import CAMERA_FIELDS, check_fields, decode_arrays
+from shards.verify import check_key, shard_index, verify_sample
 
 #: The paper's voxel volume (100 x 100 x 8 over [-51.2, 51.2]^2 x [-5, 3] m).
 DEFAULT_GRID = GridSpec()
@@ -84,10 +88,6 @@ BATCH_KEYS: tuple[str, ...] = (
 )
 
 
-class ShardReadError(RuntimeError):
-    """A shard cannot be read completely; the message starts with the shard path."""
-
-
 # ---------------------------------------------------------------------------------------------------------
 # shard lists
 # ---------------------------------------------------------------------------------------------------------
@@ -106,13 +106,10 @@ def list_shards(source: str | list[str], split: str) -> tuple[list[str], dict[st
     """
     if isinstance(source, (list, tuple)):
         return [str(s) for s in source], {}
-    if source.endswith(".json") or os.path.exists(os.path.join(source, "manifest.json")):
-        manifest, root = read_manifest(source)
-        if split not in manifest["splits"]:
-            raise ValueError(f"{source}: manifest has no split {split!r} (has {sorted(manifest['splits'])})")
-        shards = manifest["splits"][split]["shards"]
-        paths = [os.path.join(root, s["name"]) for s in shards]
-        return paths, {p: int(s["num_samples"]) for p, s in zip(paths, shards)}
+    if is_remote(source) or source.endswith(".json") or os.path.exists(os.path.join(source, "manifest.json")):
+        from shards.verify import manifest_shards
+
+        return manifest_shards(source, split)
     pattern = os.path.join(source, f"{split}-*.tar") if os.path.isdir(source) else source
     paths = sorted(glob.glob(pattern))
     if not paths:
@@ -166,27 +163,15 @@ def _check_tar_end(path: str) -> None:
         raise ShardReadError(f"{path}: truncated or corrupt tar shard ({size} bytes; no end-of-archive marker)")
 
 
-def _tar_members(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular members of a tar, read sequentially with :mod:`tarfile`.
-
-    An archive holding only end-of-archive blocks (an empty shard) yields nothing (``tarfile`` would
-    refuse it as "empty header"). Raises ``tarfile.ReadError`` on a truncated member.
-    """
-    with open(path, "rb", buffering=1 << 20) as f:
-        if not f.read(512).strip(b"\0"):
-            return
-        f.seek(0)
-        with tarfile.open(fileobj=f, mode="r|") as tf:
-            for ti in tf:
-                if ti.isreg():
-                    fobj = tf.extractfile(ti)
-                    yield ti.name, fobj.read() if fobj is not None else b""
+def _tar_members(path: str, on_bytes: Any = None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members of a local or remote tar (:func:`shards.remote.iter_tar_members`)."""
+    yield from iter_tar_members(path, on_bytes)
 
 
-def _iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
+def _iter_tar_samples(path: str, on_bytes: Any = None) -> Iterator[dict[str, Any]]:
     """Group consecutive members ``<key>.<field>`` of a tar into ``{"__key__", "__url__", field: bytes}``."""
     current: dict[str, Any] | None = None
-    for name, data in _tar_members(path):
+    for name, data in _tar_members(path, on_bytes):
         key, dot, fld = os.path.basename(name).partition(".")
         if not dot:
             continue
@@ -204,17 +189,19 @@ def _iter_tar_samples(path: str) -> Iterator[dict[str, Any]]:
 class _TarSamples:
     """Pipeline stage: shard urls -> raw samples, raising :class:`ShardReadError` naming the shard."""
 
-    def __init__(self, counts: dict[str, int]) -> None:
-        self.counts = counts
+    def __init__(self, counts: dict[str, int], index: dict[str, list[tuple[str, str]]] | None = None) -> None:
+        self.counts, self.index = counts, index or {}
 
     def __call__(self, src: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
         for item in src:
             url = item["url"]
-            _check_tar_end(url)
+            if not is_remote(url):
+                _check_tar_end(url)
             n = 0
             try:
                 for sample in _iter_tar_samples(url):
                     check_fields(sample, url)
+                    check_key(sample, n, self.index.get(url))  # key order + the manifest's digest (shards.verify)
                     n += 1
                     yield sample
             except ShardReadError:
@@ -327,17 +314,18 @@ def process_sample(
     fields: dict[str, Any], grid: GridSpec = DEFAULT_GRID, with_eval_gt: bool = True
 ) -> dict[str, Any]:
     """Raw WebDataset sample (``{field: bytes}``) -> per-sample tensors (inputs of :func:`collate`)."""
-    url = fields.get("__url__", "?")
+    verify_sample(fields)  # checksums of every member before any decode (names shard, key, member)
+    url, key = fields.get("__url__", "?"), fields.get("__key__", "?")
     d = decode_arrays(fields)
     h, w = (int(x) for x in d["meta"]["img_hw"])
-    images = torch.stack([decode_jpeg_rgb(b, f"{url}: sample {d['token']} camera {c}")
+    images = torch.stack([decode_jpeg_rgb(b, f"{url}: sample {key}: member {CAMERA_FIELDS[c]}")
                           for c, b in enumerate(d["jpegs"])])
     if tuple(images.shape[-2:]) != (h, w):
-        raise ShardReadError(f"{url}: sample {d['token']}: decoded images {tuple(images.shape)} != meta img_hw {(h, w)}")
+        raise ShardReadError(f"{url}: sample {key}: decoded images {tuple(images.shape)} != meta img_hw {(h, w)}")
     pts = d["points"]
     seg = d["lidarseg"]
     if seg is not None and seg.shape != (pts.shape[0],):
-        raise ShardReadError(f"{url}: sample {d['token']}: {seg.shape[0]} labels for {pts.shape[0]} points")
+        raise ShardReadError(f"{url}: sample {key}: {seg.shape[0]} labels for {pts.shape[0]} points")
     t = compute_targets(pts, seg, d["cam_intrinsic"], d["lidar2cam"], (h, w), grid, with_eval_gt)
 
     def tt(x: np.ndarray | None) -> torch.Tensor | None:
@@ -431,6 +419,7 @@ class ShardDataset(wds.DataPipeline):
         split_nodes: bool = True,
         drop_last: bool = False,
         tokens: set[str] | None = None,
+        index: dict[str, list[tuple[str, str]]] | None = None,
     ) -> None:
         self.state = _EpochState(seed)
         stages: list[Any] = [_ShardSource(urls, self.state, shuffle, resampled)]
@@ -438,7 +427,7 @@ class ShardDataset(wds.DataPipeline):
             stages.append(wds.split_by_node)
         if not resampled:
             stages.append(wds.split_by_worker)
-        stages.append(_TarSamples(counts))
+        stages.append(_TarSamples(counts, index))
         if tokens is not None:
             stages.append(wds.select(_TokenFilter(tokens)))
         if shuffle_buffer > 1:
@@ -514,7 +503,7 @@ def make_loader(
     if resampled and not epoch_batches:
         raise ValueError("resampled=True needs epoch_batches (the stream is infinite)")
     ds = ShardDataset(urls, counts, batch_size, grid, eval_gt, shuffle, shuffle_buffer, seed, resampled,
-                      split_nodes, drop_last, tokens)
+                      split_nodes, drop_last, tokens, index=shard_index(source, split))
     ds.set_epoch(epoch)
     if epoch_batches:
         ds = ds.with_epoch(math.ceil(epoch_batches / max(1, num_workers)))
@@ -532,9 +521,11 @@ def read_sample(source: str | list[str], split: str, grid: GridSpec = DEFAULT_GR
     if (index is None) == (token is None):
         raise ValueError("read_sample: give exactly one of index and token")
     paths, _ = list_shards(source, split)
+    manifest_keys = shard_index(source, split)
     seen = 0
     for path in paths:
-        for raw in _iter_tar_samples(path):
+        for pos, raw in enumerate(_iter_tar_samples(path)):
+            check_key(raw, pos, manifest_keys.get(path))
             if raw["__key__"] == token or (token is None and seen == index):
                 return collate([process_sample(raw, grid, eval_gt)])
             seen += 1

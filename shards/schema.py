@@ -17,6 +17,9 @@ member                        content
 ``cam_intrinsic.npy``         float64 (6, 3, 3): K per camera
 ``lidar2cam.npy``             float64 (6, 4, 4): LiDAR(t_lidar) -> camera(t_cam) transform per camera,
                               ego motion between the two timestamps included
+``checksums.json``            last member: ``{"members": {field: {"bytes", "sha256"}}}`` of every
+                              other member of the sample (schema version 2); the manifest lists,
+                              per shard, every sample key with the sha256 of this member
 ============================  ====================================================================
 
 Arrays are stored with ``np.save`` (``.npy`` format 1.0, little endian) and read with
@@ -26,16 +29,19 @@ stamps the current time into its zip entries, which would break byte-for-byte de
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
 
 import numpy as np
 
+from shards.errors import SampleDecodeError
 from shards.geometry import CAMERAS  # camera order of every per-camera array and JPEG member
 
-#: Bump when a field is added, removed or changes meaning. The writer refuses to mix versions.
-SCHEMA_VERSION: int = 1
+#: Bump when a field is added, removed or changes meaning. The writer refuses to mix versions and the
+#: loader refuses shards of another version. 2: per-sample ``checksums.json`` + per-shard key index.
+SCHEMA_VERSION: int = 2
 
 #: Tar-member extension (WebDataset field name) of each camera's JPEG, in :data:`CAMERAS` order.
 CAMERA_FIELDS: tuple[str, ...] = tuple(f"{c.lower()}.jpg" for c in CAMERAS)
@@ -45,6 +51,7 @@ LIDAR_FIELD = "lidar.npy"
 LIDARSEG_FIELD = "lidarseg.npy"
 INTRINSIC_FIELD = "cam_intrinsic.npy"
 LIDAR2CAM_FIELD = "lidar2cam.npy"
+CHECKSUM_FIELD = "checksums.json"
 
 #: Fixed member order inside a sample (``lidarseg.npy`` is absent where the split has no lidarseg).
 FIELD_ORDER: tuple[str, ...] = (
@@ -54,10 +61,12 @@ FIELD_ORDER: tuple[str, ...] = (
     LIDARSEG_FIELD,
     INTRINSIC_FIELD,
     LIDAR2CAM_FIELD,
+    CHECKSUM_FIELD,
 )
 
-#: Fields every sample must have.
-REQUIRED_FIELDS: frozenset[str] = frozenset(f for f in FIELD_ORDER if f != LIDARSEG_FIELD)
+#: Fields every sample must have (``checksums.json`` too: :func:`shards.verify.verify_sample` checks it, with
+#: the hint to rebuild schema-1 shards).
+REQUIRED_FIELDS: frozenset[str] = frozenset(f for f in FIELD_ORDER if f not in (LIDARSEG_FIELD, CHECKSUM_FIELD))
 
 #: File name of the per-directory manifest and of the progress folder used for resuming.
 MANIFEST_NAME = "manifest.json"
@@ -115,7 +124,14 @@ def encode_sample(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
         out.append((LIDARSEG_FIELD, encode_npy(np.asarray(sample["lidarseg"], dtype=np.uint8))))
     out.append((INTRINSIC_FIELD, encode_npy(np.asarray(sample["cam_intrinsic"], dtype=np.float64))))
     out.append((LIDAR2CAM_FIELD, encode_npy(np.asarray(sample["lidar2cam"], dtype=np.float64))))
+    out.append((CHECKSUM_FIELD, encode_checksums(out)))
     return out
+
+
+def encode_checksums(members: list[tuple[str, bytes]]) -> bytes:
+    """The ``checksums.json`` payload of a sample's other members: size and sha256 of each."""
+    return encode_json({"members": {f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                                    for f, b in members}})
 
 
 def check_fields(fields: dict[str, Any], where: str) -> None:
@@ -125,6 +141,15 @@ def check_fields(fields: dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}: sample {fields.get('__key__', '?')} misses field(s) {missing}")
 
 
+def _decode_member(fields: dict[str, Any], field: str, decode: Any) -> Any:
+    try:
+        return decode(fields[field])
+    except Exception as exn:
+        where = fields.get("__url__", "?")
+        raise SampleDecodeError(f"{where}: sample {fields.get('__key__', '?')}: member {field}: cannot be "
+                                f"decoded ({type(exn).__name__}: {exn})") from exn
+
+
 def decode_arrays(fields: dict[str, Any]) -> dict[str, Any]:
     """Decode the non-image fields of a raw WebDataset sample (``{field: bytes}``).
 
@@ -132,15 +157,37 @@ def decode_arrays(fields: dict[str, Any]) -> dict[str, Any]:
         dict with ``token`` (str), ``meta`` (dict), ``jpegs`` (list of 6 ``bytes``),
         ``points`` float32 (N, 4), ``lidarseg`` uint8 (N,) or None,
         ``cam_intrinsic`` float64 (6, 3, 3), ``lidar2cam`` float64 (6, 4, 4).
+
+    Raises:
+        SampleDecodeError: naming shard (``__url__``), key and member, for undecodable bytes or a meta.json
+            without ``sample_token``/``img_hw``.
     """
-    meta = decode_json(fields[META_FIELD])
+    meta = _decode_member(fields, META_FIELD, decode_json)
+    if not isinstance(meta, dict) or not isinstance(meta.get("sample_token"), str) or "img_hw" not in meta:
+        raise SampleDecodeError(f"{fields.get('__url__', '?')}: sample {fields.get('__key__', '?')}: member "
+                                f"{META_FIELD}: no sample_token / img_hw")
     seg = fields.get(LIDARSEG_FIELD)
+    n_cam = len(CAMERAS)
     return {
         "token": meta["sample_token"],
         "meta": meta,
         "jpegs": [fields[f] for f in CAMERA_FIELDS],
-        "points": decode_npy(fields[LIDAR_FIELD]),
-        "lidarseg": decode_npy(seg) if seg is not None else None,
-        "cam_intrinsic": decode_npy(fields[INTRINSIC_FIELD]),
-        "lidar2cam": decode_npy(fields[LIDAR2CAM_FIELD]),
+        "points": _decode_member(fields, LIDAR_FIELD, _npy_of(np.float32, (None, 4))),
+        "lidarseg": _decode_member(fields, LIDARSEG_FIELD, _npy_of(np.uint8, (None,))) if seg is not None else None,
+        "cam_intrinsic": _decode_member(fields, INTRINSIC_FIELD, _npy_of(np.float64, (n_cam, 3, 3))),
+        "lidar2cam": _decode_member(fields, LIDAR2CAM_FIELD, _npy_of(np.float64, (n_cam, 4, 4))),
     }
+
+
+def _npy_of(dtype: Any, shape: tuple[int | None, ...]) -> Any:
+    """A decoder of ``.npy`` bytes that also checks dtype and shape (None: any length)."""
+
+    def decode(data: bytes) -> np.ndarray:
+        arr = decode_npy(data)
+        ok = arr.dtype == dtype and arr.ndim == len(shape) and all(
+            want is None or have == want for have, want in zip(arr.shape, shape))
+        if not ok:
+            raise ValueError(f"expected {np.dtype(dtype).name} {shape}, got {arr.dtype.name} {arr.shape}")
+        return arr
+
+    return decode

@@ -3,20 +3,29 @@
 Layout of the output directory::
 
     <out>/<split>-000000.tar ...      one tar per ``samples_per_shard`` keyframes (last one shorter)
-    <out>/manifest.json               schema version, splits, per shard name/count/bytes/sha256, totals
-    <out>/.progress/<shard>.json      sidecar written after a shard is finished (used for resuming)
+    <out>/manifest.json               schema version, splits, per shard name/count/bytes/sha256 and the
+                                      (key, sha256 of checksums.json) of every sample, totals
+    <out>/.progress/build.json        this folder's build id (names the temp files), format, schema
+    <out>/.progress/<shard>.json      sidecar of a shard: plan digest, source fingerprint, sha256, keys
+    <out>/.progress/lock              held (flock) while a build runs: a second build on --out is refused
 
 Determinism: the same input gives the same bytes. Samples are ordered by the devkit split list (scene
 order) and time; members are written in :data:`shards.schema.FIELD_ORDER`; every tar header has
 mtime 0, uid/gid 0, uname/gname ``pop3d``, mode 0444, USTAR format; the manifest holds no timestamp
 and no absolute path.
 
-Resuming: a shard is written to ``<name>.tmp-<pid>`` and renamed atomically when complete, then its
-sidecar is written (also tmp + rename). On start, leftover ``*.tmp-*`` files are deleted; a shard is
-kept when its sidecar exists, describes the same plan (schema, version, split, sample tokens, source
-file sizes) and the file's size (and, with ``verify="sha256"``, its sha256) matches. Everything else is
-(re)written, so an interrupted run followed by a restart gives the same shards and manifest as an
-uninterrupted run.
+Ownership: the builder only touches files its records say it wrote: a shard name is its own when
+``.progress/<name>.json`` exists or ``manifest.json`` (of this format) lists it; temp files are
+``<name>.tmp-<build id>-<pid>`` with the build id of ``.progress/build.json``. Any other file is left
+alone; one sitting at a name the build must write stops it (:class:`DataError` naming the file).
+
+Resuming: a shard is written to its temp file, its sidecar is written (tmp + rename), then the shard is
+renamed atomically. On start, this build id's leftover temp files are deleted; a shard is kept when its
+sidecar exists, describes the same plan (schema, version, split, sample tokens, source file names and
+sizes, calibration), the same source fingerprint (size + mtime of every source file, or with
+``source_check="content"`` their sha256) and the file's size (and, with ``verify="sha256"``, its sha256)
+matches. Everything else is (re)written, so an interrupted run followed by a restart gives the same
+shards and manifest as an uninterrupted run, and a shard whose source changed is rewritten.
 
 Errors: bad input raises :class:`shards.reader.DataError` naming the file and the problem. Finished shards
 are never touched by a failing run. ``skip_bad=True`` drops samples with file problems instead, and
@@ -33,11 +42,21 @@ import multiprocessing
 import os
 import re
 import tarfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shards.outdir import (
+    FORMAT_NAME,
+    atomic_write_json,
+    build_id_of,
+    build_lock,
+    clean_temp_files,
+    owned_names,
+    refuse_foreign,
+    sidecar_path,
+    temp_name,
+)
 from shards.reader import (
     DataError,
     SampleRecord,
@@ -48,6 +67,7 @@ from shards.reader import (
     version_for_split,
 )
 from shards.schema import (
+    CHECKSUM_FIELD,
     MANIFEST_NAME,
     META_FIELD,
     PROGRESS_DIR,
@@ -57,10 +77,7 @@ from shards.schema import (
     shard_name,
 )
 
-FORMAT_NAME = "pop3d-nuscenes-wds"
 TAR_USER = "pop3d"
-#: Test hook: seconds to sleep after each written sample (lets tests kill a build mid-shard).
-TEST_DELAY_ENV = "POP3D_SHARDS_TEST_DELAY_S"
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<idx>\d{6})\.tar$")
 
 
@@ -73,6 +90,7 @@ class ShardTask:
     name: str
     records: list[SampleRecord]
     plan_digest: str
+    build_id: str = ""
 
 
 def _plan_digest(split: str, version: str, index: int, records: list[SampleRecord], skip_bad: bool) -> str:
@@ -122,10 +140,13 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> int:
-    """Write reader sample dicts to a deterministic WebDataset tar at ``path``; returns the sample count."""
-    n = 0
-    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> list[list[str]]:
+    """Write reader sample dicts to a deterministic WebDataset tar at ``path``.
+
+    Returns:
+        ``[[key, sha256 of the sample's checksums.json], ...]`` in order (the manifest's sample index).
+    """
+    index: list[list[str]] = []
     with open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for sample in samples:
@@ -134,41 +155,44 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> int:
                     raise DataError(f"sample key {key!r} must not contain '.' or '/'")
                 for fld, payload in encode_sample(sample):
                     tf.addfile(_tarinfo(f"{key}.{fld}", len(payload)), io.BytesIO(payload))
-                n += 1
-                if delay:
-                    f.flush()
-                    time.sleep(delay)
+                    if fld == CHECKSUM_FIELD:
+                        index.append([key, hashlib.sha256(payload).hexdigest()])
         f.flush()
         os.fsync(f.fileno())
-    return n
+    return index
 
 
-def _atomic_write_json(path: str, obj: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def source_fingerprint(records: list[SampleRecord], dataroot: str, mode: str = "stat") -> str:
+    """Digest of the source files of ``records``: (name, size, mtime_ns) each, or their sha256 (``content``)."""
+    h = hashlib.sha256(mode.encode())
+    for r in records:
+        for rel in [*r.cam_files, r.lidar_file, *([r.lidarseg_file] if r.lidarseg_file else [])]:
+            path = os.path.join(dataroot, rel)
+            try:
+                st = os.stat(path)
+            except OSError:
+                h.update(f"{rel}:missing".encode())
+                continue
+            h.update(f"{rel}:{st.st_size}:".encode())
+            h.update(sha256_file(path).encode() if mode == "content" else str(st.st_mtime_ns).encode())
+    return h.hexdigest()
 
 
-def _sidecar_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, PROGRESS_DIR, name + ".json")
-
-
-def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = False) -> dict[str, Any]:
-    """Write one shard (temp file + atomic rename) and its sidecar.
+def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = False,
+                source_check: str = "stat") -> dict[str, Any]:
+    """Write one shard: temp file, then its sidecar, then the atomic rename to its final name.
 
     Returns:
-        ``{"name", "num_samples", "bytes", "sha256", "skipped"}``; ``skipped`` lists the samples dropped
-        because a file was bad at read time (only with ``skip_bad``).
+        ``{"name", "num_samples", "bytes", "sha256", "samples", "skipped"}``; ``samples`` is the manifest's
+        ``[[key, digest], ...]``; ``skipped`` lists the samples dropped because a file was bad at read time
+        (only with ``skip_bad``).
 
     Raises:
         DataError: a source file is bad; the temp file is removed, finished shards are untouched.
     """
     final = os.path.join(out_dir, task.name)
-    tmp = f"{final}.tmp-{os.getpid()}"
+    tmp = temp_name(final, task.build_id)
+    fingerprint = source_fingerprint(task.records, dataroot, source_check)
     skipped: list[dict[str, str]] = []
 
     def samples() -> Iterable[dict[str, Any]]:
@@ -181,28 +205,32 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
                 skipped.append({"sample_token": r.token, "problem": str(exn)})
 
     try:
-        n = write_tar(tmp, samples())
+        index = write_tar(tmp, samples())
+        entry = {"name": task.name, "num_samples": len(index), "bytes": os.path.getsize(tmp),
+                 "sha256": sha256_file(tmp), "samples": index, "skipped": skipped}
+        atomic_write_json(  # the record first: from here on the final name is this builder's
+            sidecar_path(out_dir, task.name),
+            {**entry, "split": task.split, "schema_version": SCHEMA_VERSION, "plan_digest": task.plan_digest,
+             "source_check": source_check, "source_fingerprint": fingerprint}, task.build_id)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    entry = {"name": task.name, "num_samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp),
-             "skipped": skipped}
     os.replace(tmp, final)
-    _atomic_write_json(
-        _sidecar_path(out_dir, task.name),
-        {**entry, "split": task.split, "schema_version": SCHEMA_VERSION, "plan_digest": task.plan_digest},
-    )
     return entry
 
 
-def _write_shard_star(args: tuple[ShardTask, str, str, bool]) -> dict[str, Any]:
+def _write_shard_star(args: tuple[ShardTask, str, str, bool, str]) -> dict[str, Any]:
     return write_shard(*args)
 
 
-def _finished_entry(task: ShardTask, out_dir: str, verify: str) -> dict[str, Any] | None:
-    """Manifest entry of an already finished shard whose sidecar and file match, else None."""
-    side = _sidecar_path(out_dir, task.name)
+_ENTRY_KEYS = ("name", "num_samples", "bytes", "sha256", "samples", "skipped")
+
+
+def _finished_entry(task: ShardTask, out_dir: str, dataroot: str, verify: str, source_check: str
+                    ) -> dict[str, Any] | None:
+    """Manifest entry of an already finished shard whose sidecar, sources and file match, else None."""
+    side = sidecar_path(out_dir, task.name)
     path = os.path.join(out_dir, task.name)
     if not (os.path.exists(side) and os.path.exists(path)):
         return None
@@ -210,9 +238,13 @@ def _finished_entry(task: ShardTask, out_dir: str, verify: str) -> dict[str, Any
         rec = json.load(f)
     if rec.get("plan_digest") != task.plan_digest or rec.get("bytes") != os.path.getsize(path):
         return None
+    if any(k not in rec for k in _ENTRY_KEYS) or rec.get("source_check") != source_check:
+        return None
+    if rec.get("source_fingerprint") != source_fingerprint(task.records, dataroot, source_check):
+        return None  # a source file changed since the shard was written
     if verify == "sha256" and rec.get("sha256") != sha256_file(path):
         return None
-    return {k: rec[k] for k in ("name", "num_samples", "bytes", "sha256", "skipped")}
+    return {k: rec[k] for k in _ENTRY_KEYS}
 
 
 def _first_meta(path: str) -> dict[str, Any] | None:
@@ -251,19 +283,12 @@ def check_output_dir(out_dir: str) -> None:
                             "use another --out or delete the old shards")
     for tar in sorted(glob.glob(os.path.join(out_dir, "*.tar"))):
         if _SHARD_RE.match(os.path.basename(tar)) and not os.path.exists(
-            _sidecar_path(out_dir, os.path.basename(tar))
+            sidecar_path(out_dir, os.path.basename(tar))
         ):
             meta = _first_meta(tar)
             if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
                 raise DataError(f"{tar}: shard of schema version {meta.get('schema_version')!r} "
                                 f"(writer: {SCHEMA_VERSION}); use another --out or delete the old shards")
-
-
-def _clean_temp_files(out_dir: str) -> list[str]:
-    stale = glob.glob(os.path.join(out_dir, "*.tmp-*")) + glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tmp-*"))
-    for p in stale:
-        os.remove(p)
-    return stale
 
 
 def _format_problems(problems: list[tuple[str, str]], limit: int = 10) -> str:
@@ -283,6 +308,7 @@ def build_shards(
     skip_bad: bool = False,
     verify: str = "sha256",
     progress: bool = True,
+    source_check: str = "stat",
 ) -> dict[str, Any]:
     """Build (or resume) the shards of ``splits`` into ``out_dir`` and write ``manifest.json``.
 
@@ -297,25 +323,39 @@ def build_shards(
         skip_bad: drop samples with file problems (listed in the manifest) instead of failing.
         verify: how finished shards are checked on resume: ``"sha256"`` (default) or ``"size"``.
         progress: show a tqdm progress bar.
+        source_check: how a finished shard's sources are compared with the current ones on resume:
+            ``"stat"`` (size + mtime, default) or ``"content"`` (sha256 of every source file).
 
     Returns:
         The manifest dict (also written to ``<out_dir>/manifest.json``).
 
     Raises:
-        DataError: unknown split/version, bad input files (named), foreign schema in ``out_dir``.
+        DataError: unknown split/version, bad input files (named), foreign schema in ``out_dir``, a foreign
+            file at a shard name to write, another build running on ``out_dir``.
     """
-    from tqdm import tqdm
-
     if isinstance(versions, str):
         versions = [versions]
     if verify not in ("sha256", "size"):
         raise DataError(f"verify must be 'sha256' or 'size', got {verify!r}")
+    if source_check not in ("stat", "content"):
+        raise DataError(f"source_check must be 'stat' or 'content', got {source_check!r}")
     if not splits:
         raise DataError("no split requested")
     split_version = {s: version_for_split(list(versions), s) for s in dict.fromkeys(splits)}
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-    check_output_dir(out_dir)
-    _clean_temp_files(out_dir)
+    with build_lock(out_dir):
+        check_output_dir(out_dir)
+        build_id = build_id_of(out_dir)
+        clean_temp_files(out_dir, build_id)
+        return _build_locked(dataroot, split_version, out_dir, workers, samples_per_shard, skip_bad, verify,
+                             progress, source_check, build_id)
+
+
+def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, workers: int,
+                  samples_per_shard: int, skip_bad: bool, verify: str, progress: bool, source_check: str,
+                  build_id: str) -> dict[str, Any]:
+    """:func:`build_shards` once the folder is locked and checked."""
+    from tqdm import tqdm
 
     # 1. plan (devkit, main process only)
     plans: dict[str, SplitPlan] = {}
@@ -339,24 +379,27 @@ def build_shards(
         if not recs:
             raise DataError(f"split {split!r}: no sample left to write")
         tasks += plan_shards(plan, recs, samples_per_shard, skip_bad)
+    for t in tasks:
+        t.build_id = build_id
 
-    # 2. resume: keep finished shards, remove shards of these splits that are no longer planned
+    # 2. resume: keep finished shards; refuse foreign files at our names; remove our unplanned shards
+    owned = owned_names(out_dir)
+    refuse_foreign(out_dir, [t.name for t in tasks], owned)
     done: dict[str, dict[str, Any]] = {}
     todo: list[ShardTask] = []
     for t in tasks:
-        e = _finished_entry(t, out_dir, verify)
+        e = _finished_entry(t, out_dir, dataroot, verify, source_check)
         if e is None:
             todo.append(t)
         else:
             done[t.name] = e
     planned = {t.name for t in tasks}
-    for split in split_version:
-        for p in glob.glob(os.path.join(out_dir, f"{split}-[0-9]*.tar")):
-            name = os.path.basename(p)
-            if _SHARD_RE.match(name) and name not in planned:
-                os.remove(p)
-                if os.path.exists(_sidecar_path(out_dir, name)):
-                    os.remove(_sidecar_path(out_dir, name))
+    for name in sorted(owned - planned):
+        m = _SHARD_RE.match(name)
+        if m and m.group("split") in split_version:  # ours, of a split rebuilt now, no longer planned
+            for p in (os.path.join(out_dir, name), sidecar_path(out_dir, name)):
+                if os.path.exists(p):
+                    os.remove(p)
 
     # 3. write the missing shards
     bar = tqdm(total=sum(len(t.records) for t in tasks), initial=sum(e["num_samples"] for e in done.values()),
@@ -364,20 +407,21 @@ def build_shards(
     try:
         if workers <= 1 or len(todo) <= 1:
             for t in todo:
-                e = write_shard(t, dataroot, out_dir, skip_bad)
+                e = write_shard(t, dataroot, out_dir, skip_bad, source_check)
                 done[t.name] = e
                 bar.update(e["num_samples"])
         else:
             ctx = multiprocessing.get_context("spawn")
             with ctx.Pool(min(workers, len(todo))) as pool:
                 try:
-                    for e in pool.imap_unordered(_write_shard_star, [(t, dataroot, out_dir, skip_bad) for t in todo]):
+                    jobs = [(t, dataroot, out_dir, skip_bad, source_check) for t in todo]
+                    for e in pool.imap_unordered(_write_shard_star, jobs):
                         done[e["name"]] = e
                         bar.update(e["num_samples"])
                 except BaseException:
                     pool.terminate()
                     pool.join()
-                    _clean_temp_files(out_dir)
+                    clean_temp_files(out_dir, build_id)
                     raise
     finally:
         bar.close()
@@ -392,7 +436,7 @@ def build_shards(
     for split in split_version:
         plan = plans[split]
         entries = [done[t.name] for t in tasks if t.split == split]
-        shards = [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries]
+        shards = [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256", "samples")} for e in entries]
         late_skips = [s for e in entries for s in e["skipped"]]
         late = {s["sample_token"] for s in late_skips}
         skipped[split] = skipped[split] + late_skips
@@ -425,17 +469,15 @@ def build_shards(
             "num_skipped": sum(e["num_skipped"] for e in split_entries.values()),
         },
     }
-    _atomic_write_json(man_path, manifest)
+    atomic_write_json(man_path, manifest, build_id)
     return manifest
 
 
 def read_manifest(path_or_dir: str) -> tuple[dict[str, Any], str]:
-    """Load ``manifest.json`` (given the file or its directory); returns (manifest, shard directory)."""
-    path = os.path.join(path_or_dir, MANIFEST_NAME) if os.path.isdir(path_or_dir) else path_or_dir
-    if not os.path.exists(path):
-        raise DataError(f"{path}: manifest not found")
-    with open(path) as f:
-        m = json.load(f)
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema version {m.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
-    return m, os.path.dirname(os.path.abspath(path))
+    """Load ``manifest.json`` (the file, its folder, or the URL of either); returns (manifest, shard root).
+
+    Raises :class:`shards.errors.ShardReadError` naming the manifest (missing, not JSON, other schema).
+    """
+    from shards.verify import load_manifest
+
+    return load_manifest(path_or_dir)

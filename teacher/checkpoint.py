@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from p3d_common.safetensors_io import CheckpointError, load_safetensors, save_safetensors
 from teacher.deeplab import (
     ASPP_PREFIX,
     DeepLabArch,
@@ -30,14 +31,7 @@ from teacher.deeplab import (
     infer_arch,
     load_strict,
 )
-from teacher.weights_io import (
-    UNSAFE_FLAG,
-    CheckpointError,
-    load_safetensors,
-    read_pth,
-    save_safetensors,
-    state_dict_of,
-)
+from teacher.weights_io import UNSAFE_FLAG, read_pth, state_dict_of
 
 log = logging.getLogger(__name__)
 

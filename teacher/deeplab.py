@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher.weights_io import describe_mismatch
+from p3d_common.safetensors_io import describe_mismatch
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 LAYER3_BLOCKS_TO_DEPTH = {blocks[2]: depth for depth, blocks in STAGE_BLOCKS.items()}

@@ -12,71 +12,20 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from teacher.preprocess import DEFAULT_RESIZE_FIT, RESIZE_METHODS, preprocess, rescale_size
+from p3d_common.banner import warn_meaningless
+from p3d_common.safetensors_io import CheckpointError
+from teacher.config import TeacherConfig  # re-exported: TeacherConfig lived here
+from teacher.preprocess import DEFAULT_RESIZE_FIT, preprocess, rescale_size
 from teacher.sampling import ExactSampler, sample_grid, sample_grid_dense
 
 log = logging.getLogger(__name__)
 
-KINDS = ("maskclip_plus", "maskclip_vit")
-SAMPLERS = ("exact", "grid_sample")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 NUM_CAMERAS = 6
-
-
-@dataclass
-class TeacherConfig:
-    """What the training config says about the teacher; validated at construction.
-
-    kind: ``maskclip_plus`` (DeepLab student, POP-3D's targets) or ``maskclip_vit`` (MaskCLIP ViT-B/16).
-    weights: converted ``.safetensors`` (teacher/checkpoint.py), or None for RANDOM weights (loud warning).
-    resize_fit: (W_max, H_max) of the keep-ratio resize; (2048, 1024) is the original (1600x900 -> 1820x1024).
-    chunk: images per network forward (bounds activation memory); 0 = all images of the batch at once.
-    amp_dtype: autocast dtype on CUDA (``bfloat16`` | ``float16`` | ``none``); CPU always runs fp32.
-    sampler: ``exact`` (original double resize + nearest read) or ``grid_sample`` (one bilinear read).
-    resize_method: ``cv2`` (fixed-point emulation of cv2 INTER_LINEAR, default) or ``float`` (±1 LSB).
-    fold_bn: fold BatchNorm into the convs after loading (exact in eval; DeepLab only).
-    channels_last / compile: CUDA speed knobs.
-    """
-
-    kind: str = "maskclip_plus"
-    weights: str | None = None
-    resize_fit: tuple[int, int] = DEFAULT_RESIZE_FIT
-    chunk: int = 6
-    amp_dtype: str = "bfloat16"
-    sampler: str = "exact"
-    resize_method: str = "cv2"
-    fold_bn: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    random_arch: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"TeacherConfig.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"TeacherConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.resize_method not in RESIZE_METHODS:
-            raise ValueError(f"TeacherConfig.resize_method must be one of {RESIZE_METHODS}, "
-                             f"got {self.resize_method!r}")
-        if self.amp_dtype not in AMP_DTYPES:
-            raise ValueError(f"TeacherConfig.amp_dtype must be one of {tuple(AMP_DTYPES)}, got {self.amp_dtype!r}")
-        fit = tuple(int(v) for v in self.resize_fit)
-        if len(fit) != 2 or min(fit) <= 0:
-            raise ValueError(f"TeacherConfig.resize_fit must be two positive ints (W, H), got {self.resize_fit!r}")
-        self.resize_fit = fit
-        if int(self.chunk) < 0:
-            raise ValueError(f"TeacherConfig.chunk must be >= 0, got {self.chunk}")
-        if self.weights is not None:
-            if not str(self.weights).endswith(".safetensors"):
-                raise ValueError(f"TeacherConfig.weights: {self.weights}: run-time weights must be .safetensors "
-                                 f"(convert the released .pth with teacher.checkpoint)")
-            if not os.path.isfile(self.weights):
-                raise ValueError(f"TeacherConfig.weights: {self.weights}: no such file")
 
 
 class LiveTeacher(nn.Module):
@@ -228,12 +177,13 @@ def build_teacher(kind: str = "maskclip_plus", weights: str | None = None,
 def build_teacher_from_config(cfg: TeacherConfig, device: str | torch.device = "cpu") -> LiveTeacher:
     """:func:`build_teacher` from a validated :class:`TeacherConfig`."""
     device = torch.device(device)
+    if cfg.weights is not None and not os.path.isfile(cfg.weights):
+        raise CheckpointError(f"teacher.weights: {cfg.weights}: no such file (convert the released checkpoint "
+                              f"with scripts/convert_weights.py, or set teacher.weights: null for random weights)")
     if cfg.weights is None:
-        log.warning("!" * 100)
-        log.warning("TEACHER WITH RANDOM WEIGHTS (%s): no weights file given. The distillation targets are "
-                    "MEANINGLESS; convert the released checkpoint and set teacher.weights for real training.",
-                    cfg.kind)
-        log.warning("!" * 100)
+        warn_meaningless(f"TEACHER WITH RANDOM WEIGHTS ({cfg.kind}): no weights file given. The distillation "
+                         "targets are MEANINGLESS; convert the released checkpoint and set teacher.weights for "
+                         "real training.", log)
     if cfg.kind == "maskclip_plus":
         from teacher.checkpoint import load_maskclip_plus
         from teacher.deeplab import DeepLabArch, MaskClipPlusDeepLab

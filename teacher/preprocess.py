@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from teacher.config import DEFAULT_RESIZE_FIT, RESIZE_METHODS
+
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
 IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
-DEFAULT_RESIZE_FIT = (2048, 1024)
 
 
 def rescale_size(hw: tuple[int, int], resize_fit: tuple[int, int] = DEFAULT_RESIZE_FIT) -> tuple[int, int]:
@@ -108,9 +109,6 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN_RGB,
               std: tuple[float, ...] = IMAGENET_STD_RGB) -> torch.Tensor:
     """(x - mean) / std per RGB channel on the 0-255 scale. (N, 3, H, W) float -> same shape float32."""
     return (x.float() - _constant(mean, x.device)) / _constant(std, x.device)
-
-
-RESIZE_METHODS = ("cv2", "float")
 
 
 def preprocess(images: torch.Tensor, resize_fit: tuple[int, int] = DEFAULT_RESIZE_FIT,

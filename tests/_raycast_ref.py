@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from shards.geometry import (
-    EMPTY_LABEL,
+    EMPTY_CLASS,
     IGNORE_LABEL,
     GridSpec,
     _as_points,
@@ -55,7 +55,7 @@ def raycast_eval_gt_reference(
     s = np.linspace(0, 1, n_samples)
     for start in range(0, p.shape[0], chunk):
         samples = (s[None, :, None] * p[start : start + chunk, None, :]).reshape(-1, 3)
-        out[flat_voxel_ids(grid_indices(samples, grid, np.float64), grid)] = EMPTY_LABEL
+        out[flat_voxel_ids(grid_indices(samples, grid, np.float64), grid)] = EMPTY_CLASS
     _majority_into(out, flat_voxel_ids(grid_indices(p, grid, np.float64), grid), lab)
     return out.reshape(grid.shape)
 

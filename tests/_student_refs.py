@@ -102,3 +102,39 @@ def random_rig(b: int = 1, n: int = 6, h: int = 32, w: int = 64, seed: int = 0) 
             per.append(k @ ext)
         mats.append(torch.stack(per))
     return torch.stack(mats)
+
+
+def ica_forward_loop(ica, query: torch.Tensor, value: torch.Tensor, reference_points_cams: list[torch.Tensor],
+                     tpv_masks: list[torch.Tensor], spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """``TPVImageCrossAttention`` ``ica`` run as the original per-camera loop (B = 1 semantics: sample 0's mask
+    for all samples), the oracle of its vectorised forward.
+
+    query (B, sum(plane sizes), C), value (B*N, S, C), reference_points_cams [(B, N, nq, D, 2)] and tpv_masks
+    [(B, N, nq, D)] per plane -> (B, sum(plane sizes), C)."""
+    bs, _, c = query.shape
+    n_cam = ica.num_cams
+    planes = torch.split(query, ica.plane_sizes, dim=1)
+    indexes, q_rb, ref_rb = [], [], []
+    for p, ref, mask in zip(planes, reference_points_cams, tpv_masks):
+        idx = [mask[0, i].sum(-1).nonzero().squeeze(-1) for i in range(n_cam)]
+        max_len = max(len(x) for x in idx)
+        qr = p.new_zeros(bs * n_cam, max_len, c)
+        rr = ref.new_zeros(bs * n_cam, max_len, ref.shape[3], 2)
+        for i in range(n_cam):
+            for j in range(bs):
+                qr[j * n_cam + i, :len(idx[i])] = p[j, idx[i]]
+                rr[j * n_cam + i, :len(idx[i])] = ref[j, i, idx[i]]
+        indexes.append(idx)
+        q_rb.append(qr)
+        ref_rb.append(rr)
+    outs = ica.deformable_attention(q_rb, value, ref_rb, spatial_shapes)
+    slots = []
+    for p, idx, out, mask in zip(planes, indexes, outs, tpv_masks):
+        slot = torch.zeros_like(p, dtype=out.dtype)
+        for i in range(n_cam):
+            for j in range(bs):
+                slot[j, idx[i]] += out[j * n_cam + i, :len(idx[i])]
+        count = (mask.sum(-1) > 0).sum(1).clamp(min=1)
+        slots.append(slot / count[..., None])
+    slots = ica.output_proj(torch.cat(slots, 1))
+    return ica.dropout(slots) + query

@@ -34,7 +34,7 @@ def trained(shard_root, tmp_path_factory):
 
 
 def test_training_writes_student_only_weights_and_finite_logs(trained):
-    from teacher.weights_io import load_safetensors
+    from p3d_common.safetensors_io import load_safetensors
 
     cfg, out, final = trained
     tensors, meta = load_safetensors(final)
@@ -91,7 +91,7 @@ def test_one_step_trains_the_student_and_leaves_the_teacher_untouched(shard_root
 def test_zero_shot_evaluation_runs_on_the_val_split(trained, shard_root):
     from pop3d.checkpoint import load_student_weights
     from pop3d.evaluate import evaluate, random_text_prompts
-    from pop3d.training import build_student, grid_spec_of
+    from pop3d.factory import build_student, grid_spec_of
     from shards.loader import make_loader
 
     cfg, _, final = trained

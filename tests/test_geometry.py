@@ -9,11 +9,9 @@ import pytest
 from nuscenes.utils.geometry_utils import transform_matrix as devkit_transform_matrix
 from pyquaternion import Quaternion
 
+from p3d_common.labels import CLASS_NAMES, RAW_TO_AGNOSTIC, RAW_TO_NOIGNORE
 from shards.geometry import (
     CAMERAS,
-    CLASS_NAMES,
-    RAW_TO_AGNOSTIC,
-    RAW_TO_NOIGNORE,
     GridSpec,
     flat_voxel_ids,
     grid_indices,

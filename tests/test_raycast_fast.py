@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shards.geometry import EMPTY_LABEL, IGNORE_LABEL, GridSpec, raycast_eval_gt
+from shards.geometry import EMPTY_CLASS, IGNORE_LABEL, GridSpec, raycast_eval_gt
 from tests._raycast_ref import raycast_eval_gt_reference
 
 GRIDS = [GridSpec(), GridSpec(size=(200, 200, 16)), GridSpec((-3.0, -2.0, -1.0), (5.0, 2.5, 1.5), (7, 5, 3)),
@@ -29,7 +29,7 @@ def test_random_clouds_equal_reference(gi: int, seed: int) -> None:
     assert got.dtype == np.uint8 and got.shape == grid.shape
     np.testing.assert_array_equal(got, want)
     if gi < 2:  # the big grids have free, unobserved and occupied voxels
-        assert (got == EMPTY_LABEL).any() and (got == IGNORE_LABEL).any() and (got < EMPTY_LABEL).any()
+        assert (got == EMPTY_CLASS).any() and (got == IGNORE_LABEL).any() and (got < EMPTY_CLASS).any()
 
 
 def test_small_chunks_and_sample_counts_equal_reference() -> None:
@@ -66,5 +66,5 @@ def test_single_ray_marks_the_voxels_it_crosses() -> None:
     grid = GridSpec((-4.0, -4.0, -4.0), (4.0, 4.0, 4.0), (8, 8, 8))
     got = raycast_eval_gt(np.array([[3.5, 0.5, 0.5]]), np.array([5]), grid)
     assert got[7, 4, 4] == 5                                  # the point's voxel: its label
-    assert all(got[i, 4, 4] == EMPTY_LABEL for i in range(4, 7))  # crossed on the way out
-    assert (got == EMPTY_LABEL).sum() == 3 and (got == 5).sum() == 1
+    assert all(got[i, 4, 4] == EMPTY_CLASS for i in range(4, 7))  # crossed on the way out
+    assert (got == EMPTY_CLASS).sum() == 3 and (got == 5).sum() == 1

@@ -50,7 +50,7 @@ def bench(synthetic_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(shard_root):
-    from pop3d.training import build_student
+    from pop3d.factory import build_student
     from teacher.live import build_teacher_from_config
 
     cfg = _cfg(shard_root)
@@ -61,8 +61,8 @@ def tiny(shard_root):
 @pytest.fixture(scope="module")
 def run(bench, tiny, shard_root):
     """evaluate_retrieval on all 8 synthetic entries, recording what sample_aps received."""
-    import pop3d.retrieval as R
-    from pop3d.training import grid_spec_of
+    import pop3d.retrieval.run as R  # evaluate_retrieval looks sample_aps up in its own module
+    from pop3d.factory import grid_spec_of
 
     cfg, model, teacher = tiny
     entries = read_benchmark(bench)
@@ -108,8 +108,8 @@ def test_sample_aps_equal_sklearn_with_ties_and_duplicated_projections():
 
 
 def test_end_to_end_aps_equal_sklearn_on_the_same_scores(run, tiny, shard_root):
+    from pop3d.factory import grid_spec_of
     from pop3d.retrieval import query_scores, student_point_features
-    from pop3d.training import grid_spec_of
     from shards.loader import make_loader
 
     entries, queries, report, calls = run
@@ -137,7 +137,7 @@ def test_end_to_end_aps_equal_sklearn_on_the_same_scores(run, tiny, shard_root):
 
 
 def test_visible_multiset_has_one_entry_per_point_camera_projection(run, shard_root, tiny):
-    from pop3d.training import grid_spec_of
+    from pop3d.factory import grid_spec_of
     from shards.geometry import project_all_cameras
     from shards.loader import make_loader
 
@@ -201,7 +201,7 @@ def test_summary_excludes_undefined_aps_and_counts_them():
 
 
 def test_mismatched_annotation_is_skipped_counted_and_reported(bench, tiny, shard_root, tmp_path):
-    from pop3d.training import grid_spec_of
+    from pop3d.factory import grid_spec_of
 
     b = tmp_path / "bench"
     shutil.copytree(bench, b)
@@ -222,7 +222,7 @@ def test_mismatched_annotation_is_skipped_counted_and_reported(bench, tiny, shar
 
 
 def test_sample_in_no_shard_is_an_error_unless_allowed(tiny, shard_root, tmp_path):
-    from pop3d.training import grid_spec_of
+    from pop3d.factory import grid_spec_of
 
     b = tmp_path / "bench"
     (b / "annotations").mkdir(parents=True)
@@ -313,7 +313,7 @@ def test_loader_token_filter_drops_samples_before_decode(shard_root, monkeypatch
 
 
 def test_script_runs_on_the_synthetic_benchmark_and_prints_the_table(bench, tiny, shard_root, tmp_path, capsys):
-    from pop3d.training import save_student
+    from pop3d.factory import save_student
 
     cfg, model, _ = tiny
     weights = tmp_path / "student.safetensors"

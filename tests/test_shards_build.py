@@ -17,6 +17,7 @@ import pytest
 
 from shards.schema import (
     CAMERA_FIELDS,
+    CHECKSUM_FIELD,
     INTRINSIC_FIELD,
     LIDAR2CAM_FIELD,
     LIDAR_FIELD,
@@ -26,7 +27,7 @@ from shards.schema import (
     decode_json,
     decode_npy,
 )
-from shards.writer import TEST_DELAY_ENV, build_shards
+from shards.writer import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -113,8 +114,16 @@ def test_round_trip_against_source_files_and_devkit(shard_root: str, synthetic_r
         # fixed member order, no extra dots in keys
         expected_fields = [META_FIELD, *CAMERA_FIELDS, LIDAR_FIELD]
         expected_fields += [LIDARSEG_FIELD] if entry["has_lidarseg"] else []
-        expected_fields += [INTRINSIC_FIELD, LIDAR2CAM_FIELD]
+        expected_fields += [INTRINSIC_FIELD, LIDAR2CAM_FIELD, CHECKSUM_FIELD]
         assert names == [f"{k}.{f}" for k in samples for f in expected_fields]
+        # per-sample checksums: every other member's size + sha256; the manifest lists key + its digest
+        assert [k for k, _ in sh["samples"]] == list(samples)
+        for key, digest in sh["samples"]:
+            record = samples[key][CHECKSUM_FIELD]
+            assert hashlib.sha256(record).hexdigest() == digest
+            assert json.loads(record) == {"members": {
+                f: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                for f, b in samples[key].items() if f != CHECKSUM_FIELD}}
         with tarfile.open(os.path.join(shard_root, sh["name"])) as tf:
             assert {(ti.mtime, ti.uid, ti.gid, ti.uname) for ti in tf} == {(0, 0, 0, "pop3d")}
         for token, fields in samples.items():
@@ -164,11 +173,11 @@ def test_resume_after_sigkill_gives_the_clean_result(shard_root: str, synthetic_
     m = load_manifest(shard_root)
     versions, splits, spp = build_args(m)
     out = tmp_path / "resumed"
-    cmd = [sys.executable, str(REPO / "scripts" / "build_shards.py"), "--dataroot", str(synthetic_root),
-           "--version", *versions, "--splits", *splits, "--out", str(out), "--workers", "1",
-           "--samples-per-shard", str(spp), "--no-progress"]
-    env = {**os.environ, TEST_DELAY_ENV: "0.1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = ["--dataroot", str(synthetic_root), "--version", *versions, "--splits", *splits, "--out", str(out),
+            "--workers", "1", "--samples-per-shard", str(spp), "--no-progress"]
+    cmd = [sys.executable, str(REPO / "scripts" / "build_shards.py"), *args]
+    slow = [sys.executable, str(REPO / "tests" / "_slow_build.py"), "0.1", *args]
+    proc = subprocess.Popen(slow, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and proc.poll() is None:
@@ -187,17 +196,29 @@ def test_resume_after_sigkill_gives_the_clean_result(shard_root: str, synthetic_
     finished = sorted(p.name for p in out.glob("*.tar"))
     assert finished and list(out.glob("*.tmp-*"))
     inodes = {n: (out / n).stat().st_ino for n in finished}
-    # a stray half-written shard under a final name without sidecar must be redone too
+    # files of others: a file at a name the build must write stops it (named, untouched); the rest survive
     total = sum(len(e["shards"]) for e in m["splits"].values())
     assert len(finished) < total
     all_names = [sh["name"] for s in sorted(m["splits"]) for sh in m["splits"][s]["shards"]]
     stray = next(n for n in all_names if n not in finished)
     (out / stray).write_bytes(b"\0" * 700)
+    foreign = {"notes.tmp-1234": b"someone's temp file", "val-000099.tar": b"someone's tar",
+               ".progress/x.tmp-77": b"another temp"}
+    for name, data in foreign.items():
+        (out / name).write_bytes(data)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2 and str(out / stray) in res.stderr and "not written by" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert (out / stray).read_bytes() == b"\0" * 700
+    (out / stray).unlink()
 
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert (out / "manifest.json").read_bytes() == Path(shard_root, "manifest.json").read_bytes()
-    assert not list(out.glob("*.tmp-*")) and not list((out / ".progress").glob("*.tmp-*"))
+    build_id = json.loads((out / ".progress" / "build.json").read_text())["build_id"]
+    assert not list(out.glob(f"*.tmp-{build_id}-*")) and not list((out / ".progress").glob(f"*.tmp-{build_id}-*"))
+    for name, data in foreign.items():
+        assert (out / name).read_bytes() == data
     for n in all_names:
         assert (out / n).read_bytes() == Path(shard_root, n).read_bytes()
     for n, ino in inodes.items():  # finished shards were kept, not rewritten

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from p3d_common.labels import RAW_TO_NOIGNORE
 from shards import geometry
 from shards.loader import BATCH_KEYS, make_loader
 
@@ -87,7 +88,7 @@ def test_batch_equals_geometry_on_devkit_data(shard_root: str, synthetic_root) -
             l2i = np.stack([geometry.lidar_to_image(k, t) for k, t in zip(Ks, T)])
             np.testing.assert_allclose(batch["lidar2img"][b].numpy(), l2i, rtol=1e-6, atol=1e-4)
             raw = np.fromfile(os.path.join(root, nusc.get("lidarseg", lidar_sd["token"])["filename"]), np.uint8)
-            labels = geometry.map_labels(raw, geometry.RAW_TO_NOIGNORE)
+            labels = geometry.map_labels(raw, RAW_TO_NOIGNORE)
             np.testing.assert_array_equal(batch["labels_raw"][b].numpy(), raw)
             np.testing.assert_array_equal(batch["labels"][b].numpy(), labels.astype(np.int64))
             g = geometry.grid_indices(pts, grid, np.float64)

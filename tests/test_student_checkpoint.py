@@ -8,9 +8,9 @@ import pytest
 import torch
 from _student_refs import FIXTURE, micro_config
 
+from p3d_common.safetensors_io import CheckpointError, load_safetensors
 from pop3d.checkpoint import convert_fcos3d_checkpoint, convert_pop3d_checkpoint, load_student_weights
 from pop3d.model import StudentConfig, TPVFormer
-from teacher.weights_io import CheckpointError, load_safetensors
 
 
 def _fixture_cfg() -> StudentConfig:

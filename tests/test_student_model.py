@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _paths import SPEC
-from _student_refs import micro_config, random_rig
+from _student_refs import ica_forward_loop, micro_config, random_rig
 
 from pop3d.model import StudentConfig, TPVFormer
 from pop3d.model.grid_mask import GridMask, grid_mask_pattern
@@ -135,7 +135,7 @@ def test_vectorised_rebatch_equals_original_loop(micro_model):
         from pop3d.model.encoder import point_sampling
         refs, masks = zip(*(point_sampling(r, head.encoder.pc_range, l2i, (32, 64))
                             for r in (head.encoder.ref_3d_hw, head.encoder.ref_3d_zh, head.encoder.ref_3d_wz)))
-        loop = ica.forward_loop(query, value, list(refs), list(masks), shapes)
+        loop = ica_forward_loop(ica, query, value, list(refs), list(masks), shapes)
     assert any(m.any(-1).sum() < m.shape[2] * 6 for m in masks)  # not every query visible everywhere
     torch.testing.assert_close(captured["out"], loop, atol=1e-6, rtol=1e-5)
 

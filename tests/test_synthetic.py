@@ -18,7 +18,8 @@ from nuscenes.utils.splits import create_splits_scenes
 from PIL import Image
 from pyquaternion import Quaternion
 
-from shards.geometry import CAMERAS, LIDARSEG_CLASSES, lidar_to_camera, lidar_to_image, project_points
+from p3d_common.labels import LIDARSEG_CLASSES
+from shards.geometry import CAMERAS, lidar_to_camera, lidar_to_image, project_points
 from shards.synthetic import RENDER_COLORS, make_synthetic_nuscenes
 
 H, W = 900, 1600

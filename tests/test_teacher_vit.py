@@ -81,7 +81,8 @@ def test_clip_file_converts_and_loads_into_the_vit_teacher(tmp_path):
     import open_clip
     from _paths import ROOT
 
-    from teacher.live import TeacherConfig, build_teacher_from_config
+    from teacher.config import TeacherConfig
+    from teacher.live import build_teacher_from_config
 
     torch.manual_seed(1)
     source = open_clip.create_model("ViT-B-16")

@@ -110,7 +110,7 @@ def _load_script():
 
 def test_script_writes_a_png_of_a_synthetic_sample(shard_root, tmp_path, capsys):
     from pop3d.config import load_config
-    from pop3d.training import build_student, save_student
+    from pop3d.factory import build_student, save_student
 
     overrides = [f"data.shards={shard_root}", "data.num_workers=0"]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)

@@ -16,10 +16,14 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-ATTENTION_BACKENDS = ("auto", "pytorch", "mmcv")
+AttentionBackend = Literal["auto", "pytorch", "triton", "mmcv"]  # = pop3d.model.msda.BACKENDS
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+_POSITIVE_INTS = ("tpv_h", "tpv_w", "tpv_z", "dim", "levels", "num_layers", "num_heads", "ffn_dim",
+                  "cvha_num_points", "num_cams", "base_channels", "stem_channels", "num_classes",
+                  "feature_dim", "hidden_dims_ft", "dec_layers_occupancy", "dec_layers_features")
 
 
 @dataclass
@@ -42,7 +46,7 @@ class StudentConfig:
     num_cams: int = 6
     pc_range: tuple[float, float, float, float, float, float] = (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
     # backbone
-    depth: int = 101
+    depth: Literal[50, 101, 152] = 101
     base_channels: int = 64
     stem_channels: int = 64
     # aggregator
@@ -54,7 +58,7 @@ class StudentConfig:
     # training-time behaviour and implementation choices (no weights involved)
     grid_mask: bool = True
     grid_mask_prob: float = 0.7
-    attention_backend: str = "auto"
+    attention_backend: AttentionBackend = "auto"
     activation_checkpointing: bool = False  # layer3 blocks + aggregator MLPs, non-reentrant
 
     def __post_init__(self) -> None:
@@ -63,51 +67,59 @@ class StudentConfig:
         self.pc_range = tuple(float(v) for v in self.pc_range)
         if self.ffn_dim is None:
             self.ffn_dim = 2 * self.dim
-        errors = []
+        self.validate()
 
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                errors.append(msg)
-
-        for name in ("tpv_h", "tpv_w", "tpv_z", "dim", "levels", "num_layers", "num_heads", "ffn_dim",
-                     "cvha_num_points", "num_cams", "base_channels", "stem_channels", "num_classes",
-                     "feature_dim", "hidden_dims_ft", "dec_layers_occupancy", "dec_layers_features"):
+    def validate(self) -> None:
+        """Raise ValueError naming the key of the first invalid value (checked at construction)."""
+        for name in _POSITIVE_INTS:
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"{name} must be a positive integer, got {v!r}")
-        if errors:
-            raise ValueError("invalid StudentConfig: " + "; ".join(errors))
-        need(self.dim % 2 == 0, f"dim must be even (positional encoding uses dim/2 feats), got {self.dim}")
-        need(self.dim % self.num_heads == 0,
-             f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
-        need(self.levels >= 3, f"levels must be >= 3 (the FPN has 3 inputs C3-C5 and adds extra levels), "
-                               f"got {self.levels}")
-        need(len(self.num_points_in_pillar) == 3, "num_points_in_pillar needs 3 values (HW, ZH, WZ)")
-        need(len(self.num_points) == 3, "num_points needs 3 values (HW, ZH, WZ)")
-        need(len(self.pc_range) == 6, "pc_range needs 6 values (xmin, ymin, zmin, xmax, ymax, zmax)")
-        if not errors:
-            za, pts = self.num_points_in_pillar, self.num_points
-            need(all(v > 0 for v in za + pts), "num_points_in_pillar and num_points must be positive")
-            need(za[1] == za[2], f"num_points_in_pillar[1] must equal num_points_in_pillar[2], got {za}")
-            need(za[1] % za[0] == 0 and za[2] % za[0] == 0,
-                 f"num_points_in_pillar[1:] must be multiples of num_points_in_pillar[0], got {za}")
-            need(pts[0] % za[0] == 0,
-                 f"num_points[0] ({pts[0]}) must be a multiple of num_points_in_pillar[0] ({za[0]})")
-            for i in (1, 2):
-                mult = za[i] // za[0] if za[0] else 0
-                need(mult > 0 and pts[i] == pts[0] * mult,
-                     f"num_points[{i}] must be num_points[0] * num_points_in_pillar[{i}] / "
-                     f"num_points_in_pillar[0] = {pts[0] * mult}, got {pts[i]}")
-            lo, hi = self.pc_range[:3], self.pc_range[3:]
-            need(all(h > lo_ for lo_, h in zip(lo, hi)), f"pc_range max must exceed min, got {self.pc_range}")
-            need(all(math.isfinite(v) for v in self.pc_range), "pc_range must be finite")
-        need(self.depth in RESNET_DEPTHS, f"depth must be one of {sorted(RESNET_DEPTHS)}, got {self.depth}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(0.0 <= self.grid_mask_prob <= 1.0, f"grid_mask_prob must be in [0, 1], got {self.grid_mask_prob}")
-        need(self.attention_backend in ATTENTION_BACKENDS,
-             f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
-        if errors:
-            raise ValueError("invalid StudentConfig: " + "; ".join(errors))
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"StudentConfig.{name} must be a positive integer, got {v!r}")
+        if self.dim % 2:
+            raise ValueError(f"StudentConfig.dim must be even (positional encoding uses dim/2 feats), got {self.dim}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"StudentConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.levels < 3:
+            raise ValueError(f"StudentConfig.levels must be >= 3 (the FPN has 3 inputs C3-C5 and adds extra "
+                             f"levels), got {self.levels}")
+        for name, n, what in (("num_points_in_pillar", 3, "HW, ZH, WZ"), ("num_points", 3, "HW, ZH, WZ"),
+                              ("pc_range", 6, "xmin, ymin, zmin, xmax, ymax, zmax")):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"StudentConfig.{name} needs {n} values ({what})")
+        self._validate_points()
+        lo, hi = self.pc_range[:3], self.pc_range[3:]
+        if not all(math.isfinite(v) for v in self.pc_range):
+            raise ValueError("StudentConfig.pc_range must be finite")
+        if not all(h > lo_ for lo_, h in zip(lo, hi)):
+            raise ValueError(f"StudentConfig.pc_range max must exceed min, got {self.pc_range}")
+        if self.depth not in RESNET_DEPTHS:
+            raise ValueError(f"StudentConfig.depth must be one of {sorted(RESNET_DEPTHS)}, got {self.depth}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"StudentConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.grid_mask_prob <= 1.0:
+            raise ValueError(f"StudentConfig.grid_mask_prob must be in [0, 1], got {self.grid_mask_prob}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"StudentConfig.attention_backend must be one of {ATTENTION_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
+
+    def _validate_points(self) -> None:
+        """Sampling points per pillar / per query must tile the three planes consistently."""
+        za, pts = self.num_points_in_pillar, self.num_points
+        if not all(v > 0 for v in za + pts):
+            raise ValueError("StudentConfig.num_points_in_pillar and num_points must be positive")
+        if za[1] != za[2]:
+            raise ValueError(f"StudentConfig.num_points_in_pillar[1] must equal num_points_in_pillar[2], got {za}")
+        if za[1] % za[0] or za[2] % za[0]:
+            raise ValueError(f"StudentConfig.num_points_in_pillar[1:] must be multiples of "
+                             f"num_points_in_pillar[0], got {za}")
+        if pts[0] % za[0]:
+            raise ValueError(f"StudentConfig.num_points[0] ({pts[0]}) must be a multiple of "
+                             f"num_points_in_pillar[0] ({za[0]})")
+        for i in (1, 2):
+            mult = za[i] // za[0]
+            if pts[i] != pts[0] * mult:
+                raise ValueError(f"StudentConfig.num_points[{i}] must be num_points[0] * num_points_in_pillar[{i}] "
+                                 f"/ num_points_in_pillar[0] = {pts[0] * mult}, got {pts[i]}")
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property

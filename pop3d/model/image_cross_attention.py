@@ -175,35 +175,3 @@ class TPVImageCrossAttention(nn.Module):
             slots.append(slot.view(bs, p.shape[1], c) / rb.count[..., None])
         slots = self.output_proj(torch.cat(slots, 1))
         return self.dropout(slots) + query
-
-    def forward_loop(self, query: torch.Tensor, value: torch.Tensor, reference_points_cams: list[torch.Tensor],
-                     tpv_masks: list[torch.Tensor], spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
-        """The original per-camera loop (B = 1 semantics: sample 0's mask for all samples), for tests and
-        benchmarks. reference_points_cams [(B, N, nq, D, 2)], tpv_masks [(B, N, nq, D)], value (B*N, S, C)."""
-        bs, _, c = query.shape
-        n_cam = self.num_cams
-        planes = torch.split(query, self.plane_sizes, dim=1)
-        indexes, q_rb, ref_rb = [], [], []
-        for p, ref, mask in zip(planes, reference_points_cams, tpv_masks):
-            idx = [mask[0, i].sum(-1).nonzero().squeeze(-1) for i in range(n_cam)]
-            max_len = max(len(x) for x in idx)
-            qr = p.new_zeros(bs * n_cam, max_len, c)
-            rr = ref.new_zeros(bs * n_cam, max_len, ref.shape[3], 2)
-            for i in range(n_cam):
-                for j in range(bs):
-                    qr[j * n_cam + i, :len(idx[i])] = p[j, idx[i]]
-                    rr[j * n_cam + i, :len(idx[i])] = ref[j, i, idx[i]]
-            indexes.append(idx)
-            q_rb.append(qr)
-            ref_rb.append(rr)
-        outs = self.deformable_attention(q_rb, value, ref_rb, spatial_shapes)
-        slots = []
-        for p, idx, out, mask in zip(planes, indexes, outs, tpv_masks):
-            slot = torch.zeros_like(p, dtype=out.dtype)
-            for i in range(n_cam):
-                for j in range(bs):
-                    slot[j, idx[i]] += out[j * n_cam + i, :len(idx[i])]
-            count = (mask.sum(-1) > 0).sum(1).clamp(min=1)
-            slots.append(slot / count[..., None])
-        slots = self.output_proj(torch.cat(slots, 1))
-        return self.dropout(slots) + query

@@ -10,8 +10,12 @@ with per-corner zero padding (mmcv's CUDA kernel formula). Backends:
 
 * ``'pytorch'``: ``F.grid_sample(align_corners=False, padding_mode='zeros')`` per level at ``2*loc - 1``,
   which un-normalises to exactly ``x*W - 0.5``; always available, fp32 accumulation.
+* ``'triton'``: the fused Triton kernel of :mod:`pop3d.model.msda_triton` (forward and backward; value in
+  its own dtype, bf16 or fp32, fp32 accumulation; saves only value, locations and weights for backward).
+  CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``, used by the tests).
 * ``'mmcv'``: ``mmcv.ops.multi_scale_deform_attn`` (optional extra ``pop3d[mmcv]``), fp32.
-* ``'auto'``: ``'mmcv'`` when it is importable and the tensors are on CUDA, else ``'pytorch'``.
+* ``'auto'``: on CUDA ``'triton'`` when triton imports, else ``'mmcv'`` when importable, else
+  ``'pytorch'``; on other devices ``'pytorch'``.
 
 All backends compute in fp32 whatever the input dtype (autocast-safe) and return fp32.
 """
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "pytorch", "mmcv")
+BACKENDS = ("auto", "pytorch", "triton", "mmcv")
 
 
 def _mmcv_function():
@@ -31,6 +35,19 @@ def _mmcv_function():
     except (ImportError, OSError, RuntimeError):  # not installed, or installed without compiled ops
         return None
     return MultiScaleDeformableAttnFunction
+
+
+def _triton_module():
+    try:
+        from . import msda_triton
+    except (ImportError, OSError, RuntimeError):  # triton absent (e.g. macOS, CPU-only wheels) or broken
+        return None
+    return msda_triton
+
+
+def triton_available() -> bool:
+    """True when triton imports (the fused kernel then runs on CUDA tensors)."""
+    return _triton_module() is not None
 
 
 def mmcv_available() -> bool:
@@ -43,7 +60,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown deformable-attention backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
-        return "mmcv" if device.type == "cuda" and mmcv_available() else "pytorch"
+        if device.type != "cuda":
+            return "pytorch"
+        return "triton" if triton_available() else "mmcv" if mmcv_available() else "pytorch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("attention backend 'triton' requested but triton is not importable; install triton "
+                           "(it ships with torch's CUDA wheels on Linux) or use backend='pytorch'")
     if backend == "mmcv" and not mmcv_available():
         raise RuntimeError("attention backend 'mmcv' requested but mmcv.ops is not importable; install the "
                            "optional extra (pip install 'pop3d[mmcv]') or use backend='pytorch'")
@@ -57,13 +79,15 @@ def _shapes_list(spatial_shapes) -> list[tuple[int, int]]:
 
 
 def msda_pytorch(value: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]],
-                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """grid_sample formulation. value (Bv,S,M,D), loc (Bv,Q,M,L,P,2), attn (Bv,Q,M,L,P) -> (Bv,Q,M*D) fp32."""
+                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                 compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """grid_sample formulation. value (Bv,S,M,D), loc (Bv,Q,M,L,P,2), attn (Bv,Q,M,L,P) -> (Bv,Q,M*D) in
+    ``compute_dtype`` (fp32; float64 for reference checks)."""
     bv, _, m, d = value.shape
     q, n_points = sampling_locations.shape[1], sampling_locations.shape[4]
-    value = value.float()
-    grids = 2.0 * sampling_locations.float() - 1.0
-    attention_weights = attention_weights.float()
+    value = value.to(compute_dtype)
+    grids = 2.0 * sampling_locations.to(compute_dtype) - 1.0
+    attention_weights = attention_weights.to(compute_dtype)
     out = None
     start = 0
     for lvl, (h, w) in enumerate(spatial_shapes):
@@ -101,7 +125,7 @@ def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes, sampling_lo
         spatial_shapes: [(H_l, W_l)] * L as a list or a (L, 2) long tensor.
         sampling_locations: (Bv, Q, M, L, P, 2) normalised (x, y); not clamped (far-out points give 0).
         attention_weights: (Bv, Q, M, L, P), already normalised by the caller.
-        backend: ``'auto'`` | ``'pytorch'`` | ``'mmcv'``.
+        backend: ``'auto'`` | ``'pytorch'`` | ``'triton'`` | ``'mmcv'``.
     Returns:
         (Bv, Q, M*D) float32, head-major channels (c = m*D + d).
     """
@@ -116,6 +140,8 @@ def multi_scale_deformable_attn(value: torch.Tensor, spatial_shapes, sampling_lo
         raise ValueError(f"sampling_locations has {sampling_locations.shape[3]} levels, spatial_shapes {len(shapes)}")
     name = resolve_backend(backend, value.device)
     with torch.autocast(device_type=value.device.type, enabled=False):
+        if name == "triton":
+            return _triton_module().msda_triton(value, shapes, sampling_locations, attention_weights)
         if name == "mmcv":
             return msda_mmcv(value, shapes, sampling_locations, attention_weights, im2col_step)
         return msda_pytorch(value, shapes, sampling_locations, attention_weights)

@@ -58,7 +58,7 @@ class TPVFormer(nn.Module):
         self.use_grid_mask = cfg.grid_mask
 
     def set_attention_backend(self, backend: str) -> None:
-        """Switch the deformable-attention backend ('auto' | 'pytorch' | 'mmcv') of every attention module."""
+        """Switch the deformable-attention backend ('auto' | 'pytorch' | 'triton' | 'mmcv') of every attention module."""
         from .msda import BACKENDS
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

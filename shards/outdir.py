@@ -1,0 +1,103 @@
+"""The builder's own files in an output folder: build id, lock, temp names, records of what it wrote.
+
+The rule (issue 8): the shard builder only touches files its own records say it wrote. A shard name is the
+builder's when ``.progress/<name>.json`` exists or the folder's ``manifest.json`` lists it; temp files are
+``<file>.tmp-<build id>-<pid>`` with the id of ``.progress/build.json``; only those are deleted as leftovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from p3d_common import atomic as common_atomic
+
+from shards.reader import DataError
+from shards.schema import MANIFEST_NAME, PROGRESS_DIR, SCHEMA_VERSION
+
+FORMAT_NAME = "pop3d-nuscenes-wds"
+BUILD_FILE = "build.json"
+LOCK_FILE = "lock"
+
+
+def temp_name(path: str, build_id: str) -> str:
+    """This build's temp file for ``path`` (only files of this pattern are ever deleted as leftovers)."""
+    return f"{path}.tmp-{build_id}-{os.getpid()}"
+
+
+def atomic_write_json(path: str, obj: dict[str, Any], build_id: str) -> None:
+    """The builder's JSON records, through the project's one atomic writer, with this build's temp name."""
+    common_atomic.atomic_write_json(path, obj, temp_name(path, build_id), indent=1, sort_keys=True)
+
+
+def sidecar_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, PROGRESS_DIR, name + ".json")
+
+
+def clean_temp_files(out_dir: str, build_id: str) -> list[str]:
+    """Delete this build id's leftover temp files (never another program's ``*.tmp-*``)."""
+    pattern = f"*.tmp-{build_id}-*"
+    stale = glob.glob(os.path.join(out_dir, pattern)) + glob.glob(os.path.join(out_dir, PROGRESS_DIR, pattern))
+    for p in stale:
+        os.remove(p)
+    return stale
+
+
+def build_id_of(out_dir: str) -> str:
+    """The build id of ``out_dir`` (``.progress/build.json``), created on the first build."""
+    path = os.path.join(out_dir, PROGRESS_DIR, BUILD_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                rec = json.load(f)
+                return str(rec["build_id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}: not a build record of this writer; use another --out") from None
+    build_id = secrets.token_hex(8)
+    atomic_write_json(path, {"build_id": build_id, "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION},
+                       build_id)
+    return build_id
+
+
+@contextlib.contextmanager
+def build_lock(out_dir: str) -> Iterator[None]:
+    """Hold ``.progress/lock`` (flock) for the whole build; a second build on the same --out is refused."""
+    path = os.path.join(out_dir, PROGRESS_DIR, LOCK_FILE)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise DataError(f"{out_dir}: another build_shards is writing here (it holds {path}); wait for it "
+                            "or use another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def owned_names(out_dir: str) -> set[str]:
+    """Shard names this builder's records say it wrote: sidecars, and the shards of our manifest."""
+    names = {os.path.basename(p)[: -len(".json")]
+             for p in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))}
+    man = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.exists(man):  # check_output_dir has already checked its format and version
+        with open(man) as f:
+            m = json.load(f)
+        names |= {sh["name"] for e in m.get("splits", {}).values() for sh in e.get("shards", [])}
+    return names
+
+
+def refuse_foreign(out_dir: str, names: Iterable[str], owned: set[str]) -> None:
+    """DataError naming the first file at a name the build must write that this builder did not write."""
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if name not in owned and os.path.lexists(path):
+            raise DataError(f"{path}: exists but was not written by build_shards (no record in "
+                            f"{os.path.join(out_dir, PROGRESS_DIR)} or the manifest); move it away or use "
+                            "another --out")

@@ -350,6 +350,7 @@ def sec_fused_msda(ctx) -> dict:
                            zip(("out", "grad_value", "grad_loc", "grad_attn"), grads["pytorch"], grads["triton"])}
     out["max_abs_ref"] = {name: float(a.abs().max()) for name, a in
                           zip(("out", "grad_value", "grad_loc", "grad_attn"), grads["pytorch"])}
+    out["max_rel_diff"] = {k: out["max_abs_diff"][k] / max(out["max_abs_ref"][k], 1e-12) for k in out["max_abs_ref"]}
     out["speedup"] = out["pytorch"]["ms"] / max(out["triton"]["ms"], 1e-9)
     return out
 
@@ -440,7 +441,8 @@ def table(sections: dict) -> list[str]:
         elif name == "fused_msda":
             lines.append(f"| fused_msda pytorch | {_fmt(res['pytorch'])} | |")
             lines.append(f"| fused_msda triton | {_fmt(res['triton'])}, {res['speedup']:.2f}x, max abs diff "
-                         f"{json.dumps({k: round(v, 6) for k, v in res['max_abs_diff'].items()})} | {tgt} |")
+                         f"{json.dumps({k: float(f'{v:.2e}') for k, v in res['max_abs_diff'].items()})}, relative "
+                         f"{max(res['max_rel_diff'].values()):.1e} | {tgt} |")
         elif name == "sync_debug":
             for k, v in res.items():
                 if not isinstance(v, dict):

@@ -38,7 +38,7 @@ def test_dry_run_measures_every_section(tmp_path):
     import torch
 
     if gpu_suite.triton_usable(torch.device("cpu"))[0]:
-        assert max(sec["fused_msda"]["max_abs_diff"].values()) < 1e-3
+        assert max(sec["fused_msda"]["max_rel_diff"].values()) < 1e-4  # fp32 rounding of the two backends
     else:  # on CPU the triton backend needs TRITON_INTERPRET=1
         assert "skipped" in sec["fused_msda"] and "skipped" in sec["student"]["triton"]
     for key in ("photometric_False", "photometric_True"):

@@ -163,15 +163,18 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    speed: Any = None
+    """pop3d.cuda_setup.SpeedConfig (CUDA speed switches); None = its defaults."""
 
 
 def _section_types() -> dict[str, type]:
     # Imported here: `pop3d.model` imports torch; `import pop3d.config` itself stays light.
+    from pop3d.cuda_setup import SpeedConfig
     from pop3d.model.config import StudentConfig
     from teacher.config import TeacherConfig
 
     return {"model": StudentConfig, "teacher": TeacherConfig, "data": DataConfig, "train": TrainConfig,
-            "eval": EvalConfig}
+            "eval": EvalConfig, "speed": SpeedConfig}
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:

@@ -107,13 +107,15 @@ class EvalMeters:
 @torch.no_grad()
 def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, student_image_hw=None,
              normalized_cosine: bool = False, max_samples: int | None = None, progress: bool = True,
-             accelerator=None) -> EvalMeters:
+             accelerator=None, bf16: bool | None = None) -> EvalMeters:
     """Run zero-shot evaluation over ``loader`` (batch size 1).
 
     The student is called as the original evaluation did: features asked at every LiDAR point (grid
     coordinates, clipped), voxel features on (pipeline.md §4.2). Multi-process: give each rank its own share
     of the split (``shards.order.eval_loader``) and the ``accelerator``: the counts and the sample count are
     summed over processes (``accelerator.reduce``), so every rank returns the whole split's meters.
+    ``bf16`` (default: on CUDA) runs the student under bfloat16 autocast (its geometry and deformable sampling
+    stay fp32); scoring is fp32.
     """
     from tqdm.auto import tqdm
 
@@ -121,6 +123,9 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
     meters = EvalMeters(MeanIoU(scored, [CLASS_NAMES[k] for k in scored]), MeanIoU([0, 1], ["free", "occupied"]),
                         MeanIoU(list(SEMANTIC_CLASSES), [CLASS_NAMES[k] for k in SEMANTIC_CLASSES], ignore_label=0,
                                 unit="points"))
+    from pop3d.cuda_setup import apply_speed_settings
+
+    apply_speed_settings(None, torch.device(device), model)  # TF32, cudnn.benchmark, channels_last (CUDA only)
     text = prompts.embeddings.to(device)
     prompt_class = prompts.prompt_class.to(device)
     model.eval()
@@ -128,7 +133,9 @@ def evaluate(model, loader, prompts: TextPrompts, *, device: torch.device, stude
     for batch in loader:
         if any(batch.get(k) is None for k in ("eval_gt", "labels", "voxel_label")):
             raise ValueError(f"sample {batch['tokens'][0]}: the evaluation split has no lidarseg ground truth")
-        out = predict_sample(model, batch, device, student_image_hw)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=torch.device(device).type == "cuda" if bf16 is None else bf16):
+            out = predict_sample(model, batch, device, student_image_hw)
         pred = voxel_prediction(out.logits_vox[0].float(), out.logits_vox_fts[0].float(), text, prompt_class,
                                 normalized_cosine)
         gt = batch["eval_gt"][0].to(device).long()

@@ -27,27 +27,42 @@ def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
     return jaccard
 
 
-def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str = "present") -> torch.Tensor:
-    """Multi-class Lovasz-softmax on flattened predictions.
+def lovasz_softmax_flat(probas: torch.Tensor, labels: torch.Tensor, classes: str = "present",
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-class Lovasz-softmax on flattened predictions, without host synchronisation.
 
-    probas: (P, C) class probabilities; labels: (P,) int in [0, C). ``classes='present'`` averages over the
-    classes that occur in ``labels`` (the official setting), ``'all'`` over all C classes.
-    Returns a scalar; 0 when P == 0.
+    probas: (P, C) class probabilities; labels: (P,) int in [0, C) (any value where not valid);
+    valid: (P,) bool or None (all valid): entries left out. ``classes='present'`` averages over the classes
+    that occur in the valid labels (the official setting), ``'all'`` over all C classes.
+    Returns a scalar; 0 when no entry is valid.
+
+    Left-out entries get error 0 and no foreground, so they sort after every entry with a positive error and
+    change neither the sum nor the gradient of the others (equal to dropping them). Absent classes are
+    computed and weighted 0 instead of skipped, so nothing reads a tensor on the host.
     """
     if probas.numel() == 0:
         return probas.sum() * 0.0
     num_classes = probas.shape[1]
-    losses = []
+    losses, present = [], []
     for c in range(num_classes):
-        fg = (labels == c).to(probas.dtype)
-        if classes == "present" and fg.sum() == 0:
-            continue
+        fg = labels == c
+        if valid is not None:
+            fg = fg & valid
+        fg = fg.to(probas.dtype)
         errors = (fg - probas[:, c]).abs()
+        if valid is not None:
+            errors = torch.where(valid, errors, torch.zeros_like(errors))
         errors_sorted, perm = torch.sort(errors, descending=True)
         losses.append(torch.dot(errors_sorted, lovasz_grad(fg[perm])))
-    if not losses:
-        return probas.sum() * 0.0
-    return torch.stack(losses).mean()
+        present.append(fg.sum() > 0)
+    losses_t = torch.stack(losses)
+    if classes == "present":
+        weight = torch.stack(present).to(losses_t.dtype)
+    else:
+        weight = torch.ones_like(losses_t)
+        if valid is not None:
+            weight = weight * valid.any().to(losses_t.dtype)
+    return (losses_t * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -58,8 +73,7 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     c = logits.shape[1]
     probas = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1).movedim(1, -1).reshape(-1, c)
     labels = labels.reshape(-1).long()
-    keep = labels != ignore_index
-    return lovasz_softmax_flat(probas[keep], labels[keep])
+    return lovasz_softmax_flat(probas, labels, valid=labels != ignore_index)
 
 
 @dataclass
@@ -70,7 +84,10 @@ class LossTerms:
     feature: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(v.detach()) for k, v in vars(self).items()}
+        """All terms as Python floats, read in one device->host copy."""
+        names = list(vars(self))
+        values = torch.stack([getattr(self, k).detach().float().reshape(()) for k in names]).tolist()
+        return dict(zip(names, values))
 
 
 def pop3d_loss(logits_vox: torch.Tensor, occupancy: torch.Tensor, point_features: torch.Tensor | None,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pop3d.constants import device_constant
+
 CAFFE_MEAN_BGR = (103.530, 116.280, 123.675)
 _FLT_EPSILON = 1.1920929e-07
 
@@ -40,7 +42,8 @@ def hsv_to_bgr(hsv: torch.Tensor) -> torch.Tensor:
     sector = sector.long().clamp_(0, 5)
     tab = torch.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))], dim=0)  # (4, ..., H, W)
     # cv2's sector table: (b, g, r) take tab[...] entries per sector.
-    table = torch.tensor([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]], device=hsv.device)
+    table = device_constant(((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0)), hsv.device,
+                            torch.int64)
     idx = table[sector]  # (..., H, W, 3)
     out = torch.gather(tab, 0, idx.movedim(-1, 0))  # (3, ..., H, W)
     out = torch.where((s == 0).unsqueeze(0), v.unsqueeze(0).expand_as(out), out)
@@ -92,7 +95,7 @@ def scale_lidar2img(lidar2img: torch.Tensor, scale_hw: tuple[float, float]) -> t
     lidar2img: (..., 4, 4) -> (..., 4, 4)
     """
     sy, sx = scale_hw
-    s = torch.diag(torch.tensor([sx, sy, 1.0, 1.0], dtype=lidar2img.dtype, device=lidar2img.device))
+    s = torch.diag(device_constant((float(sx), float(sy), 1.0, 1.0), lidar2img.device, lidar2img.dtype))
     return s @ lidar2img
 
 
@@ -117,7 +120,7 @@ def prepare_student_inputs(images: torch.Tensor, lidar2img: torch.Tensor, *, out
         h, w = out_hw
     if photometric:
         x = photometric_distortion(x, generator)
-    x = x - torch.tensor(CAFFE_MEAN_BGR, device=x.device).view(1, 3, 1, 1)
+    x = x - device_constant(CAFFE_MEAN_BGR, x.device).view(1, 3, 1, 1)
     hp = -(-h // pad_divisor) * pad_divisor
     wp = -(-w // pad_divisor) * pad_divisor
     if (hp, wp) != (h, w):

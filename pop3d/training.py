@@ -33,7 +33,8 @@ import torch
 import yaml
 
 from pop3d.config import RunConfig, config_to_dict
-from pop3d.factory import batch_to_device, build_student, grid_spec_of, save_student
+from pop3d.cuda_setup import TRAIN_KEYS, SpeedConfig, StepTimer, apply_speed_settings, move_batch
+from pop3d.factory import batch_to_device, build_student, grid_spec_of, save_student  # noqa: F401
 from pop3d.losses import LossTerms, pop3d_loss
 from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler
@@ -82,11 +83,18 @@ def sample_generators(seed: int, epoch: int, token: str) -> torch.Generator:
 
 
 def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generator: torch.Generator | None,
-                 train: bool = True) -> tuple[LossTerms, dict[str, float]]:
-    """One forward of teacher and student on a device batch; returns the loss terms and timings (ms)."""
+                 train: bool = True, timer=None) -> tuple[LossTerms, dict[str, float]]:
+    """One forward of teacher and student on a device batch; returns the loss terms and timings (ms).
+
+    With a ``timer`` (pop3d.cuda_setup.StepTimer, CUDA events) it marks ``teacher`` and ``student_fwd`` and
+    the timings dict is empty (read the timer on log steps); without, host timers (exact on CPU only).
+    """
     t0 = time.perf_counter()
-    targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"])
+    targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"],
+                      sync_free=True)
     t1 = time.perf_counter()
+    if timer is not None:
+        timer.mark("teacher")
     imgs, lidar2img, img_shape = prepare_student_inputs(
         batch["images"], batch["lidar2img"], out_hw=cfg.data.student_image_hw,
         photometric=train and cfg.data.photometric_aug, generator=generator)
@@ -95,6 +103,9 @@ def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generato
     terms = pop3d_loss(out.logits_vox, batch["occupancy"], pred, targets.to(pred.dtype),
                        feature_weight=cfg.train.feature_loss_weight)
     t2 = time.perf_counter()
+    if timer is not None:
+        timer.mark("student_fwd")
+        return terms, {}
     return terms, {"teacher_ms": 1e3 * (t1 - t0), "student_fwd_ms": 1e3 * (t2 - t1)}
 
 
@@ -146,8 +157,12 @@ class TrainData:
 class StepResult:
     losses: torch.Tensor
     """(4,) float64 on the device: this rank's mean of total, lovasz, ce, feature over its micro-steps."""
-    grad_norm: float | None
+    grad_norm: torch.Tensor | float | None
     timings: dict[str, float] = field(default_factory=dict)
+    timer: Any = None
+    """pop3d.cuda_setup.StepTimer of the step (CUDA events), read only when the step is logged."""
+    nonfinite: torch.Tensor | None = None
+    """() bool on the device: a micro-step's loss was not finite (read on log and save steps only)."""
 
 
 def train_step(model, teacher, micro_batches: list[dict[str, Any]], cfg: RunConfig, accelerator, optimizer,
@@ -155,25 +170,25 @@ def train_step(model, teacher, micro_batches: list[dict[str, Any]], cfg: RunConf
     """Forward/backward over this rank's micro-batches of one global step, then one clipped AdamW step."""
     tc = cfg.train
     sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=accelerator.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
     grad_norm = None
-    timings = {"teacher_ms": 0.0, "student_fwd_ms": 0.0}
+    timer = StepTimer(accelerator.device)  # no host sync here: read by step_record on log steps
+    timer.start()
     for batch in micro_batches:
         photometric = sample_generators(tc.seed, batch["order"][0], batch["tokens"][0])
-        batch = batch_to_device(batch, accelerator.device)
+        batch = move_batch(batch, accelerator.device, TRAIN_KEYS)  # only what the step reads
         with accelerator.accumulate(model):
-            terms, t = compute_loss(model, teacher, batch, cfg, photometric, train=True)
-            if not torch.isfinite(terms.total):
-                raise FloatingPointError(f"non-finite loss at step {global_step + 1}: {terms.as_floats()} "
-                                         f"(sample {batch['tokens']})")
+            terms, _ = compute_loss(model, teacher, batch, cfg, photometric, train=True, timer=timer)
+            nonfinite |= ~torch.isfinite(terms.total.detach())
             accelerator.backward(terms.total)
+            timer.mark("student_bwd")
             if accelerator.sync_gradients:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.grad_max_norm))
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.grad_max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            timer.mark("optimizer")
         sums += torch.stack([getattr(terms, k).detach() for k in LOSS_NAMES]).double()
-        for k, v in t.items():
-            timings[k] += v
-    return StepResult(sums / len(micro_batches), grad_norm, timings)
+    return StepResult(sums / len(micro_batches), grad_norm, {}, timer, nonfinite)
 
 
 # ---- validation ------------------------------------------------------------------------------------------------
@@ -251,12 +266,16 @@ def step_record(result: StepResult, accelerator, optimizer, step: int, epoch: in
                 samples_per_step: int) -> dict[str, Any]:
     """The global-batch record of a step (a collective: every rank calls it at the same steps)."""
     losses = accelerator.reduce(result.losses, reduction="mean").tolist()
+    timings = result.timings
+    if result.timer is not None:
+        timings = {**result.timer.read(), "timer": result.timer.kind}
+    grad_norm = None if result.grad_norm is None else float(result.grad_norm)
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
     step_ms = 1e3 * seconds / max(n_steps, 1)
     rec = {"step": step, "epoch": epoch, **dict(zip(LOSS_NAMES, losses)), "lr": optimizer.param_groups[0]["lr"],
            **{f"lr/{k}": v for k, v in lrs.items()}, "samples_per_s": samples_per_step * n_steps / seconds,
-           "teacher_share": result.timings["teacher_ms"] / step_ms if step_ms > 0 else 0.0,
-           "grad_norm": result.grad_norm, **result.timings}
+           "teacher_share": timings.get("teacher_ms", 0.0) / step_ms if step_ms > 0 else 0.0,
+           "grad_norm": grad_norm, **timings}
     return rec
 
 
@@ -366,6 +385,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
 
     # 2. models, optimiser, schedule; then the checkpoint, if resuming
     model, teacher = build_models(cfg, accelerator.device)
+    speed = getattr(cfg, "speed", None) or SpeedConfig()
+    accelerator.print(f"speed settings: {apply_speed_settings(speed, accelerator.device, model)}")
     optimizer = build_optimizer(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay)
     scheduler = build_scheduler(optimizer, spe * tc.epochs, tc.warmup_steps, tc.warmup_lr_init, tc.lr_min)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: saved as JSON
@@ -381,6 +402,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
     bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
     t_last, steps_since = time.perf_counter(), 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # read on log/save steps only
     # 3. epochs: steps (log, save), then validation and the epoch-end checkpoint
     while step < total_steps:
         epoch = step // spe
@@ -389,6 +411,12 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
             scheduler.step()
             step, steps_since = step + 1, steps_since + 1
             bar.update(1)
+            nonfinite |= result.nonfinite
+            epoch_end = step % spe == 0
+            saving = step % tc.save_every == 0 or epoch_end or step == total_steps
+            if (step % tc.log_every == 0 or saving) and bool(nonfinite):  # never log on or save past it
+                raise FloatingPointError(f"non-finite loss at a step <= {step} (since the last check); "
+                                         f"last sample {micro[-1]['tokens']}")
             if step % tc.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rec = step_record(result, accelerator, optimizer, step, epoch, steps_since, now - t_last,
@@ -396,10 +424,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
                 t_last, steps_since = now, 0
                 run_log.write(rec)
                 bar.set_postfix(loss=f"{rec['total']:.4f}", feat=f"{rec['feature']:.4f}")
-            epoch_end = step % spe == 0
             if epoch_end and tc.val_every_epochs and (step // spe) % tc.val_every_epochs == 0:
                 best = validate_and_log(model, cfg, accelerator, prompts, run_log, step, epoch, best)
-            if step % tc.save_every == 0 or epoch_end or step == total_steps:
+            if saving:
                 save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, step, epoch, best,
                                 tc.keep_checkpoints, slots)
             if step >= total_steps:

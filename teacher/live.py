@@ -20,7 +20,7 @@ from p3d_common.banner import warn_meaningless
 from p3d_common.safetensors_io import CheckpointError
 from teacher.config import TeacherConfig  # re-exported: TeacherConfig lived here
 from teacher.preprocess import DEFAULT_RESIZE_FIT, preprocess, rescale_size
-from teacher.sampling import ExactSampler, sample_grid
+from teacher.sampling import ExactSampler, sample_grid, sample_grid_dense
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,18 @@ class LiveTeacher(nn.Module):
             return self._run_net(x), tuple(x.shape[-2:])
 
     def forward(self, images: torch.Tensor, proj_batch: torch.Tensor, proj_cam: torch.Tensor,
-                proj_rowcol: torch.Tensor) -> torch.Tensor:
+                proj_rowcol: torch.Tensor, sync_free: bool = False) -> torch.Tensor:
         """images uint8 (B, 6, 3, H, W) RGB; proj_batch, proj_cam (M,) int64; proj_rowcol (M, 2) int64 (row, col)
         in original pixels. Returns float32 (M, C) on the images' device, in projection order.
 
-        Only images that own at least one projection are run; images go through the network ``chunk`` at a
-        time and are sampled before the next chunk, so no full-resolution map and at most one chunk of
-        low-resolution maps exist at once.
+        Images go through the network ``chunk`` at a time and are sampled before the next chunk, so no
+        full-resolution map and at most one chunk of low-resolution maps exist at once.
+
+        ``sync_free=False`` (tools, tests): projections outside the batch raise ValueError, and only images
+        that own at least one projection are run. ``sync_free=True`` (the training step): no host-device
+        synchronisation: the range check is a device-side assert, every image of the batch is run (in
+        nuScenes every camera sees LiDAR points), and each chunk's values are selected with ``where``.
+        Both give the same targets.
         """
         if images.dtype != torch.uint8 or images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"LiveTeacher: images must be uint8 (B, 6, 3, H, W), got {images.dtype} "
@@ -100,14 +105,17 @@ class LiveTeacher(nn.Module):
         pb, pc, rc = proj_batch.to(dev).long(), proj_cam.to(dev).long(), proj_rowcol.to(dev).long()
         bad = (pb < 0) | (pb >= b) | (pc < 0) | (pc >= ncam) | (rc[:, 0] < 0) | (rc[:, 0] >= h) \
             | (rc[:, 1] < 0) | (rc[:, 1] >= w)
+        img_id = pb * ncam + pc
+        flat = images.reshape(b * ncam, 3, h, w)
+        if sync_free:
+            torch._assert_async(~bad.any(), "LiveTeacher: projection(s) outside the batch/images")
+            return self._forward_all(flat, img_id, rc, out, (h, w))
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             raise ValueError(f"LiveTeacher: {int(bad.sum())} projection(s) outside the batch/images "
                              f"(B={b}, cams={ncam}, H={h}, W={w}); first: batch {int(pb[i])}, cam {int(pc[i])}, "
                              f"rowcol {rc[i].tolist()}")
-        img_id = pb * ncam + pc
         used = torch.unique(img_id)                        # sorted image ids with >= 1 projection
-        flat = images.reshape(b * ncam, 3, h, w)
         chunk = int(self.cfg.chunk) or used.numel()
         net_hw = rescale_size((h, w), self.cfg.resize_fit)
         with torch.inference_mode():
@@ -125,6 +133,30 @@ class LiveTeacher(nn.Module):
                 else:
                     vals = sample_grid(feats, li, rc[sel], (h, w))
                 out[sel] = vals
+        return out
+
+    def _forward_all(self, flat: torch.Tensor, img_id: torch.Tensor, rc: torch.Tensor, out: torch.Tensor,
+                     hw: tuple[int, int]) -> torch.Tensor:
+        """Sync-free forward: flat (N, 3, H, W) uint8, img_id (M,), rc (M, 2) -> out (M, C) filled."""
+        n_img = flat.shape[0]
+        chunk = int(self.cfg.chunk) or n_img
+        net_hw = rescale_size(hw, self.cfg.resize_fit)
+        with torch.inference_mode():
+            for start in range(0, n_img, chunk):
+                stop = min(start + chunk, n_img)
+                x = preprocess(flat[start:stop].to(self.device), self.cfg.resize_fit,
+                               method=self.cfg.resize_method)
+                feats = self._run_net(x)                   # (n, C, h', w')
+                li = (img_id - start).clamp(0, stop - start - 1)
+                if self.cfg.sampler == "exact":
+                    vals = self._exact(feats, li, rc, net_hw, hw)
+                else:
+                    vals = sample_grid_dense(feats, li, rc, hw)
+                if start == 0 and stop == n_img:               # one chunk holds every image
+                    out.copy_(vals)                            # (out is a normal tensor, usable in autograd)
+                else:
+                    in_chunk = (img_id >= start) & (img_id < stop)
+                    out.copy_(torch.where(in_chunk[:, None], vals, out))
         return out
 
 

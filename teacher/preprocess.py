@@ -92,12 +92,23 @@ def resize_uint8_cv2(images: torch.Tensor, size_hw: tuple[int, int]) -> torch.Te
     return out.clamp_(0, 255).to(torch.float32)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float32 (1, 3, 1, 1) tensor of ``values`` on ``device``, built once (a per-call ``torch.tensor(list,
+    device=cuda)`` is a synchronising host->device copy). Shared: never modify in place."""
+    key = (tuple(float(v) for v in values), str(device))
+    if key not in _CONSTANTS:
+        with torch.inference_mode(False), torch.no_grad():
+            _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return _CONSTANTS[key]
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN_RGB,
               std: tuple[float, ...] = IMAGENET_STD_RGB) -> torch.Tensor:
     """(x - mean) / std per RGB channel on the 0-255 scale. (N, 3, H, W) float -> same shape float32."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x.float() - m) / s
+    return (x.float() - _constant(mean, x.device)) / _constant(std, x.device)
 
 
 def preprocess(images: torch.Tensor, resize_fit: tuple[int, int] = DEFAULT_RESIZE_FIT,

@@ -155,6 +155,25 @@ def sample_grid(feats: torch.Tensor, img_index: torch.Tensor, rowcol: torch.Tens
     return out
 
 
+def sample_grid_dense(feats: torch.Tensor, img_index: torch.Tensor, rowcol: torch.Tensor,
+                      orig_hw: tuple[int, int]) -> torch.Tensor:
+    """:func:`sample_grid` without host synchronisation: every image is read at every point and each point
+    keeps its own image's value (N times the reads; same values). Returns float32 (P, C)."""
+    n, c, _h, _w = feats.shape
+    dev = feats.device
+    img_index = img_index.to(dev)
+    rc = rowcol.to(dev).to(torch.float32)
+    gx = (rc[:, 1] + 0.5) / orig_hw[1] * 2 - 1
+    gy = (rc[:, 0] + 0.5) / orig_hw[0] * 2 - 1
+    grid = torch.stack([gx, gy], -1).view(1, 1, -1, 2)
+    out = torch.zeros(rc.shape[0], c, dtype=torch.float32, device=dev)
+    for i in range(n):
+        got = F.grid_sample(feats[i:i + 1].float(), grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)[0, :, 0].t()   # (P, C)
+        out = torch.where((img_index == i)[:, None], got, out)
+    return out
+
+
 def official_double_resize(feats: torch.Tensor, net_hw: tuple[int, int], orig_hw: tuple[int, int]) -> torch.Tensor:
     """The original's two F.interpolate calls (reference for tests; materialises (N, C, H, W)!)."""
     up = F.interpolate(feats, size=tuple(net_hw), mode="bilinear", align_corners=False)

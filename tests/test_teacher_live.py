@@ -121,3 +121,22 @@ def test_vit_teacher_selectable():
     t = build_teacher("maskclip_vit", None, resize_fit=(64, 32), random_arch=cfg)
     out = t(_images(1, 45, 80), torch.tensor([0, 0]), torch.tensor([0, 3]), torch.tensor([[0, 0], [44, 79]]))
     assert out.shape == (2, 8)
+
+
+def test_sync_free_path_gives_the_same_targets(teacher):
+    """The training step's sync-free forward (every image run, device-side range check) equals the default,
+    with every image used, with unused images, with several chunks and with the grid_sample sampler."""
+    imgs = _images(2)
+    g = torch.Generator().manual_seed(5)
+    m = 40
+    pb, pc = torch.randint(0, 2, (m,), generator=g), torch.randint(0, 6, (m,), generator=g)
+    rc = torch.stack([torch.randint(0, 90, (m,), generator=g), torch.randint(0, 160, (m,), generator=g)], 1)
+    cases = [(pb, pc, rc), (torch.tensor([0, 1, 1]), torch.tensor([4, 0, 5]), rc[:3])]
+    for chunk, sampler in ((4, "exact"), (12, "exact"), (5, "grid_sample")):
+        t = LiveTeacher(teacher.net, TeacherConfig(resize_fit=FIT, chunk=chunk, sampler=sampler))
+        for b_, c_, r_ in cases:
+            # equal up to the network's batch-composition rounding (chunks of different images: ~1 ulp)
+            torch.testing.assert_close(t(imgs, b_, c_, r_, sync_free=True), t(imgs, b_, c_, r_), rtol=1e-6,
+                                       atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside"):
+        teacher(_images(1), torch.tensor([0]), torch.tensor([0]), torch.tensor([[90, 3]]), sync_free=True)

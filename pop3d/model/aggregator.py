@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..constants import device_constant
+
 
 def build_decoder(num_layers: int, in_dims: int, hidden_dims: int, out_dims: int) -> nn.Sequential:
     """[Linear(in, hid), (Softplus, Linear(hid, hid)) * (n-2), Softplus, Linear(hid, out)]; n=1: [Linear(in, out)]."""
@@ -48,11 +50,12 @@ class TPVAggregator(nn.Module):
         """pts (B, n, 3) grid coordinates -> (B, C, n)."""
         hw, zh, wz = planes
         b, n, _ = pts.shape
-        size = pts.new_tensor([self.tpv_w, self.tpv_h, self.tpv_z], dtype=torch.float32)
+        size = device_constant((self.tpv_w, self.tpv_h, self.tpv_z), pts.device)
         g = (pts.float() / size * 2 - 1).reshape(b, 1, n, 3)
-        f_hw = F.grid_sample(hw, g[..., [0, 1]].to(hw.dtype), align_corners=False).squeeze(2)
-        f_zh = F.grid_sample(zh, g[..., [1, 2]].to(zh.dtype), align_corners=False).squeeze(2)
-        f_wz = F.grid_sample(wz, g[..., [2, 0]].to(wz.dtype), align_corners=False).squeeze(2)
+        g_wz = torch.stack((g[..., 2], g[..., 0]), -1)  # slices, not list indices (no host->device index copy)
+        f_hw = F.grid_sample(hw, g[..., 0:2].to(hw.dtype), align_corners=False).squeeze(2)
+        f_zh = F.grid_sample(zh, g[..., 1:3].to(zh.dtype), align_corners=False).squeeze(2)
+        f_wz = F.grid_sample(wz, g_wz.to(wz.dtype), align_corners=False).squeeze(2)
         return f_hw + f_zh + f_wz
 
     def forward(self, tpv_list: list[torch.Tensor], points: torch.Tensor | None = None,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..constants import device_constant
 from .msda import multi_scale_deformable_attn
 
 
@@ -78,7 +79,7 @@ class TPVCrossViewHybridAttention(nn.Module):
         attn = attn.view(bs, nq, m, 2, nl, npt).permute(3, 0, 1, 2, 4, 5).reshape(2 * bs, nq, m, nl, npt)
         offsets = offsets.permute(3, 0, 1, 2, 4, 5, 6).reshape(2 * bs, nq, m, nl, npt, 2)
         h, w = spatial_shape
-        normaliser = offsets.new_tensor([w, h])
+        normaliser = device_constant((w, h), offsets.device, offsets.dtype)
         loc = reference_points.float()[:, :, None, :, None, :] + offsets / normaliser
         out = multi_scale_deformable_attn(value, [(h, w)] * nl, loc, attn, backend=self.backend)  # (2B, Nq, C)
         out = (out[:bs] + out[bs:]) / 2

@@ -6,12 +6,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..constants import device_constant
 from .cross_view_attention import TPVCrossViewHybridAttention
 from .image_cross_attention import (
     PlaneRebatch,
     TPVImageCrossAttention,
     TPVMSDeformableAttention3D,
     build_rebatch,
+    rebatch_lengths,
 )
 
 PROJECTION_EPS = 1e-5
@@ -73,7 +75,7 @@ def point_sampling(ref_3d: torch.Tensor, pc_range: Sequence[float], lidar2img: t
         depth = cam[..., 2:3]
         mask = depth > PROJECTION_EPS
         uv = cam[..., 0:2] / torch.clamp(depth, min=PROJECTION_EPS)
-        uv = uv / uv.new_tensor([float(img_hw[1]), float(img_hw[0])])
+        uv = uv / device_constant((float(img_hw[1]), float(img_hw[0])), uv.device, uv.dtype)
         mask = mask & (uv[..., 1:2] > 0.0) & (uv[..., 1:2] < 1.0) & (uv[..., 0:1] < 1.0) & (uv[..., 0:1] > 0.0)
     return uv, mask.squeeze(-1)
 
@@ -138,11 +140,10 @@ class TPVFormerEncoder(nn.Module):
 
     def geometry(self, lidar2img: torch.Tensor, img_hw: tuple[int, int]) -> list[PlaneRebatch]:
         """Per-forward camera geometry for the three planes (fp32, layer independent)."""
-        plans = []
-        for ref in (self.ref_3d_hw, self.ref_3d_zh, self.ref_3d_wz):
-            ref_cam, mask = point_sampling(ref, self.pc_range, lidar2img, img_hw)
-            plans.append(build_rebatch(ref_cam, mask))
-        return plans
+        projected = [point_sampling(ref, self.pc_range, lidar2img, img_hw)
+                     for ref in (self.ref_3d_hw, self.ref_3d_zh, self.ref_3d_wz)]
+        lengths = rebatch_lengths([mask for _, mask in projected])  # the forward's one host sync
+        return [build_rebatch(ref_cam, mask, n) for (ref_cam, mask), n in zip(projected, lengths)]
 
     def forward(self, queries: list[torch.Tensor], value: torch.Tensor, tpv_pos_hw: torch.Tensor | None,
                 lidar2img: torch.Tensor, img_hw: tuple[int, int],

@@ -2,9 +2,9 @@
 
 The original loops over planes x cameras x batch with ``nonzero()`` and index copies in every layer. Here the
 visibility masks, the per-(sample, camera) query index lists (padded to the longest list), the gathered
-reference points and the per-query camera counts are computed **once per forward** (:func:`build_rebatch`,
-one host sync per plane for the padded length) and reused by every layer; gather and scatter are single
-indexing / ``index_add`` ops. Semantics kept from the original:
+reference points and the per-query camera counts are computed **once per forward** (:func:`build_rebatch`;
+one host sync per forward reads the padded lengths of all planes) and reused by every layer; gather and
+scatter are single indexing / ``index_add`` ops. Semantics kept from the original:
 
 * a query enters camera i if *any* of its anchors is visible there, and then *all* its anchors are sampled;
 * outputs of the cameras that see a query are summed and divided by ``clamp(count, 1)``;
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..constants import device_constant
 from .cross_view_attention import direction_grid, fp32_linear
 from .msda import multi_scale_deformable_attn
 
@@ -40,12 +41,27 @@ class PlaneRebatch:
     count: torch.Tensor
 
 
-def build_rebatch(reference_points_cam: torch.Tensor, mask: torch.Tensor) -> PlaneRebatch:
-    """reference_points_cam (B, N, nq, D, 2), mask (B, N, nq, D) bool -> :class:`PlaneRebatch`."""
+def rebatch_lengths(masks: list[torch.Tensor]) -> list[int]:
+    """Padded rebatch length of each plane: the most queries any (sample, camera) row sees, >= 1.
+
+    masks [(B, N, nq, D) bool] -> [int]; ONE host sync for all planes (a single device->host read).
+    """
+    maxima = torch.stack([m.any(-1).flatten(0, 1).sum(-1).max() for m in masks])
+    return [max(int(v), 1) for v in maxima.tolist()]
+
+
+def build_rebatch(reference_points_cam: torch.Tensor, mask: torch.Tensor, max_len: int | None = None
+                  ) -> PlaneRebatch:
+    """reference_points_cam (B, N, nq, D, 2), mask (B, N, nq, D) bool -> :class:`PlaneRebatch`.
+
+    max_len: the padded length (:func:`rebatch_lengths`; any value >= the true maximum gives the same
+    result); None reads it from ``mask`` (a host sync).
+    """
     b, n, nq, d, _ = reference_points_cam.shape
     vis = mask.any(-1).reshape(b * n, nq)  # query enters camera if any anchor is visible
     per_row = vis.sum(-1)
-    max_len = max(int(per_row.max()), 1)  # the only host sync, once per plane per forward
+    if max_len is None:
+        max_len = rebatch_lengths([mask])[0]
     order = torch.argsort((~vis).to(torch.uint8), dim=-1, stable=True)[:, :max_len]  # visible first, ascending
     valid = torch.arange(max_len, device=vis.device)[None, :] < per_row[:, None]
     index = torch.where(valid, order, torch.zeros_like(order))
@@ -119,7 +135,7 @@ class TPVMSDeformableAttention3D(nn.Module):
         ref = torch.cat(refs, 1)  # (Bv, Q, Z0, 2)
         q_all = offsets.shape[1]
         p0 = offsets.shape[-2]
-        normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=value.device)
+        normaliser = device_constant(tuple((w, h) for h, w in spatial_shapes), value.device)
         offsets = offsets / normaliser[None, None, None, :, None, :]
         offsets = offsets.view(bv, q_all, m, nl, z0, p0 // z0, 2)
         loc = (ref[:, :, None, None, :, None, :] + offsets).view(bv, q_all, m, nl, p0, 2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
 
@@ -33,8 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from pop3d.cli_checks import require_file, require_split, user_errors
+    from pop3d.training import TrainSetupError, check_output_dir, train
 
     try:  # every check a user can fail comes before the work
+        if not args.overwrite:  # a folder holding a run needs --resume or --overwrite (train() checks it again)
+            check_output_dir(Path(cfg.train.output_dir), resume=args.resume)
         require_split(cfg.data.shards, cfg.data.train_split)
         if cfg.train.init_weights:
             require_file(cfg.train.init_weights, "train.init_weights", "convert the FCOS3D / POP-3D checkpoint "
@@ -42,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from pop3d.training import TrainSetupError, train
     from shards.errors import DATA_ERRORS, one_line
 
     try:

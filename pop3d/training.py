@@ -113,7 +113,7 @@ def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generato
 class TrainData:
     """The planned training stream of this rank (see shards/order.py)."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world: int) -> None:
+    def __init__(self, cfg: RunConfig, rank: int, world: int, device: torch.device | str = "cpu") -> None:
         from shards.loader import list_shards
         from shards.order import PlannedSamples, check_slots, planned_loader, steps_per_epoch
         from shards.verify import shard_index
@@ -133,7 +133,11 @@ class TrainData:
         self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], world * self.accum)
         self.dataset = PlannedSamples(self.counts, grid_spec_of(cfg), with_eval_gt=False,
                                       index=shard_index(d.shards, d.train_split))
-        self.loader = planned_loader(self.dataset, d.num_workers)
+        speed = cfg.speed or SpeedConfig()
+        self.device = torch.device(device)
+        self.prefetch = speed.prefetch  # next batch to the GPU on a side stream (pop3d.cuda_setup)
+        self.loader = planned_loader(self.dataset, d.num_workers,
+                                     pin_memory=speed.pin_memory and self.device.type == "cuda")
 
     def epoch(self, epoch: int, start_step: int):
         """Yield (step_in_epoch, [micro-batches]) from ``start_step`` to the end of ``epoch``."""
@@ -142,7 +146,9 @@ class TrainData:
         self.dataset.set_items(train_items(self.urls, self.counts, seed=self.seed, epoch=epoch,
                                            start_step=start_step, rank=self.rank, world=self.world,
                                            accum=self.accum, shuffle_block=self.shuffle_block))
-        it = iter(self.loader)
+        from pop3d.cuda_setup import DevicePrefetcher
+
+        it = DevicePrefetcher(self.loader, self.device, TRAIN_KEYS, enabled=self.prefetch)
         for p in range(start_step, self.steps_per_epoch):
             micro = []
             for a in range(self.accum):
@@ -378,7 +384,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     # 1. data plan and schedule (from the manifest: identical on every rank); validation prompts
-    data = TrainData(cfg, accelerator.process_index, world)
+    data = TrainData(cfg, accelerator.process_index, world, accelerator.device)
     spe = data.steps_per_epoch
     total_steps = spe * tc.epochs if tc.max_steps is None else min(spe * tc.epochs, tc.max_steps)
     prompts = validation_setup(cfg) if tc.val_every_epochs else None

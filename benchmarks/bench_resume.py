@@ -64,7 +64,8 @@ def time_to_first_step(cmd: list[str], log: Path, step: int) -> float:
 
 def decode_time(shards: str, cfg) -> float:
     from pop3d.training import grid_spec_of
-    from shards.loader import _iter_tar_samples, list_shards, process_sample
+    from shards.loader import list_shards, process_sample
+    from shards.stream import _iter_tar_samples
 
     url = list_shards(shards, "train")[0][0]
     raw = next(_iter_tar_samples(url))

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=20)
     a = p.parse_args(argv)
 
-    from shards.loader import _iter_tar_samples, decode_jpeg_rgb, list_shards, shard_index
+    from shards.loader import decode_jpeg_rgb, list_shards, shard_index
+    from shards.stream import _iter_tar_samples
     from shards.schema import CAMERA_FIELDS, decode_arrays
     from shards.verify import check_key, verify_sample
 

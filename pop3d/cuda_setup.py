@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from pop3d.factory import batch_to_device
+
 # The batch entries the training step reads (pop3d/training.py): the rest never leave the host.
 TRAIN_KEYS = ("images", "lidar2img", "proj_batch", "proj_cam", "proj_rowcol", "proj_point", "grid_ind",
               "occupancy")
@@ -101,21 +103,7 @@ def _channels_last_input(backbone: torch.nn.Module) -> None:
     backbone._pop3d_channels_last_hook = True
 
 
-def move_batch(batch: dict[str, Any], device: torch.device, keys: Sequence[str] | None = None,
-               non_blocking: bool = True) -> dict[str, Any]:
-    """Copy the tensors (and lists of tensors) under ``keys`` (all if None) to ``device``; the rest pass
-    through unchanged (still on the host)."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if keys is not None and key not in keys:
-            out[key] = value
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=non_blocking)
-        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
-            out[key] = [v.to(device, non_blocking=non_blocking) for v in value]
-        else:
-            out[key] = value
-    return out
+move_batch = batch_to_device  # one home: pop3d.factory.batch_to_device (accelerate's send_to_device)
 
 
 def _record_stream(batch: dict[str, Any], stream) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,8 +57,11 @@ def grid_spec_of(cfg: RunConfig) -> GridSpec:
     return GridSpec(pc_min=tuple(m.pc_range[:3]), pc_max=tuple(m.pc_range[3:]), size=(m.tpv_w, m.tpv_h, m.tpv_z))
 
 
-def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors (also inside lists) of a batch dict to ``device``; other values pass through."""
+def batch_to_device(batch: dict[str, Any], device: torch.device | str, keys: Sequence[str] | None = None,
+                    non_blocking: bool = True) -> dict[str, Any]:
+    """The tensors (also inside lists) of a batch dict under ``keys`` (all if None) moved to ``device`` with
+    accelerate's ``send_to_device``; everything else passes through unchanged (still on the host)."""
     from accelerate.utils import send_to_device
 
-    return send_to_device(batch, device, non_blocking=True)
+    moving = batch if keys is None else {k: v for k, v in batch.items() if k in keys}
+    return {**batch, **send_to_device(moving, device, non_blocking=non_blocking)}

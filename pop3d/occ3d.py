@@ -407,7 +407,7 @@ def run_occ3d_protocol(args, cfg, model, prompts, split: str, device: torch.devi
 
     Raises Occ3DError / FileNotFoundError with a one-line message for bad arguments or files.
     """
-    from pop3d.training import grid_spec_of
+    from pop3d.factory import grid_spec_of
     from shards.lidar2ego import lidar2ego_by_sample
     from shards.loader import make_loader
 

@@ -94,7 +94,7 @@ def run_query(config: str, weights: str, texts: Sequence[str], out: str | Path, 
     from pop3d.checkpoint import load_student_weights
     from pop3d.config import ConfigError, load_config
     from pop3d.query_viewer import render_query_png, write_query_html
-    from pop3d.training import build_student, grid_spec_of
+    from pop3d.factory import build_student, grid_spec_of
     from shards.loader import read_sample
 
     if not texts or any(not t.strip() for t in texts):

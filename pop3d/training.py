@@ -34,7 +34,7 @@ import yaml
 
 from pop3d.config import RunConfig, config_to_dict
 from pop3d.cuda_setup import TRAIN_KEYS, SpeedConfig, StepTimer, apply_speed_settings, move_batch
-from pop3d.factory import batch_to_device, build_student, grid_spec_of, save_student  # noqa: F401
+from pop3d.factory import build_student, grid_spec_of, save_student  # noqa: F401
 from pop3d.losses import LossTerms, pop3d_loss
 from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler

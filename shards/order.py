@@ -130,7 +130,8 @@ class _ShardIndex:
     then a sample's members are read on request. Nothing is decoded here."""
 
     def __init__(self, path: str, expected: int | None, keys: list[tuple[str, str]] | None = None) -> None:
-        from shards.loader import ShardReadError, _check_tar_end
+        from shards.errors import ShardReadError
+        from shards.stream import _check_tar_end
 
         self.path, self.keys = path, keys
         self._file = None

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.geometry import RAW_TO_NOIGNORE, transform_matrix
+from p3d_common.labels import RAW_TO_NOIGNORE
+from shards.geometry import transform_matrix
 from shards.synthetic import _EGO_BOX, EGO, NOISE, _Box, _cast, _ground_class, _make_world
 
 __all__ = ["make_synthetic_occ3d", "scene_labels"]

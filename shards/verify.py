@@ -200,7 +200,7 @@ def verify_shard(split: str, entry: dict[str, Any], url: str, decode: Callable[[
                  group: Callable[..., Iterator[dict[str, Any]]]) -> ShardResult:
     """Read one shard completely: whole-file size + sha256, key order, count, every sample's checksums.
 
-    ``group(url, on_bytes)`` yields the raw samples of a tar (:func:`shards.loader._iter_tar_samples`);
+    ``group(url, on_bytes)`` yields the raw samples of a tar (:func:`shards.stream._iter_tar_samples`);
     ``decode`` (optional) decodes a verified raw sample fully (JPEG, npy, JSON) and raises on failure.
     """
     res = ShardResult(split, entry["name"], url)
@@ -245,7 +245,7 @@ def verify_shard_set(source: str, splits: list[str] | None = None, decode: bool 
     """Verify every shard of ``splits`` (default: all) of a local or remote shard set against its manifest."""
     from tqdm import tqdm
 
-    from shards.loader import _iter_tar_samples
+    from shards.stream import _iter_tar_samples
 
     m, root = load_manifest(source)
     chosen = splits or sorted(m["splits"])

@@ -37,7 +37,7 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 def weights(tmp_path_factory) -> Path:
     """An untrained tiny student saved as training saves it (with its config.yaml beside it)."""
     from pop3d.config import load_config
-    from pop3d.training import build_student, save_student
+    from pop3d.factory import build_student, save_student
 
     run = tmp_path_factory.mktemp("run")
     cfg = load_config(TINY)
@@ -52,7 +52,7 @@ def other_config_weights(tmp_path_factory) -> Path:
     import yaml
 
     from pop3d.config import config_to_dict, load_config
-    from pop3d.training import build_student, save_student
+    from pop3d.factory import build_student, save_student
 
     run = tmp_path_factory.mktemp("run64")
     cfg = load_config(TINY, ["model.feature_dim=64", "model.hidden_dims_ft=64"])

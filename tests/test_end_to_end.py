@@ -61,7 +61,8 @@ def test_resume_continues_from_the_last_checkpoint(trained, shard_root):
 
 def test_one_step_trains_the_student_and_leaves_the_teacher_untouched(shard_root, tmp_path):
     from pop3d.schedule import build_optimizer
-    from pop3d.training import batch_to_device, build_student, compute_loss, grid_spec_of
+    from pop3d.factory import batch_to_device, build_student, grid_spec_of
+    from pop3d.training import compute_loss
     from shards.loader import make_loader
     from teacher.live import build_teacher_from_config
 

@@ -151,7 +151,7 @@ def test_sampling_at_points_equals_the_model_forward(shard_root):
     from pop3d.config import load_config
     from pop3d.occ3d import point_outputs, tpv_planes
     from pop3d.preprocess import prepare_student_inputs
-    from pop3d.training import build_student, grid_spec_of
+    from pop3d.factory import build_student, grid_spec_of
     from shards.loader import read_sample
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.shards={shard_root}"])
@@ -180,7 +180,7 @@ def occ3d_val_gt(synthetic_root, tmp_path_factory):
 
 @pytest.mark.slow
 def test_synthetic_occ3d_gt_follows_the_world(occ3d_val_gt, synthetic_root):
-    from shards.geometry import RAW_TO_NOIGNORE
+    from p3d_common.labels import RAW_TO_NOIGNORE
     from shards.lidar2ego import lidar2ego_by_sample
 
     _, files = occ3d_val_gt
@@ -217,7 +217,7 @@ def test_synthetic_occ3d_gt_follows_the_world(occ3d_val_gt, synthetic_root):
 @pytest.mark.slow
 def test_eval_both_protocols_end_to_end(occ3d_val_gt, synthetic_root, shard_root, tmp_path):
     from pop3d.config import load_config
-    from pop3d.training import build_student, save_student
+    from pop3d.factory import build_student, save_student
 
     out, _ = occ3d_val_gt
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.shards={shard_root}"])

@@ -45,7 +45,7 @@ def test_training_step_forces_at_most_four_syncs(tmp_path):
     from accelerate import Accelerator
 
     from pop3d.schedule import build_optimizer
-    from pop3d.training import batch_to_device, build_student
+    from pop3d.factory import batch_to_device, build_student
     from teacher.live import build_teacher_from_config
 
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "current_umask", "fsync_dir",
+           "fsync_file"]
 
 
 def current_umask() -> int:
@@ -33,7 +34,8 @@ def current_umask() -> int:
     return mask
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -41,7 +43,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk, where the platform allows."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a platform without directory handles
@@ -70,13 +73,13 @@ def atomic_path(path: str | os.PathLike, temp: str | os.PathLike | None = None) 
     tmp = Path(temp)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, temp: str | os.PathLike | None = None) -> None:

@@ -145,6 +145,18 @@ def require_text_embeddings(path: str | os.PathLike, key: str) -> Path:
     return require_file(path, key, TEXT_EMBEDDINGS_TODO)
 
 
+def require_student_inputs(args, cfg, split: str, need_lidarseg: bool = False) -> str | None:
+    """The checks of every command that runs the student on a split: ``--weights``, the text embeddings
+    (``--text-embeddings`` or ``eval.text_embeddings``, unless ``--random-text-embeddings``) and the split's
+    shards. Returns the text-embedding path (None: random or none given)."""
+    text_path = args.text_embeddings or cfg.eval.text_embeddings
+    require_student_weights(args.weights)
+    if text_path and not args.random_text_embeddings:
+        require_text_embeddings(text_path, "--text-embeddings" if args.text_embeddings else "eval.text_embeddings")
+    require_split(cfg.data.shards, split, need_lidarseg=need_lidarseg)
+    return text_path
+
+
 def require_clip_weights(path: str | os.PathLike, key: str = "--clip-weights") -> Path:
     """A LOCAL open_clip ViT-B-16 weight file (nothing is downloaded)."""
     return require_file(path, key, "give a local open_clip ViT-B-16 file (README 'Weights': convert OpenAI's "

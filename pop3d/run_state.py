@@ -24,19 +24,13 @@ from typing import Any
 
 import torch
 
+from p3d_common.atomic import fsync_dir, fsync_file
+
 FORMAT = "pop3d-run-state-1"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIM_FILE = "optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_safe(x: Any) -> Any:
@@ -135,9 +129,8 @@ def save_run_state(path: Path, *, model_state: dict[str, torch.Tensor], optimize
              "scheduler": scheduler_state, "scaler": scaler_state, **(extra or {})}
     (tmp / STATE_FILE).write_text(json.dumps(_json_safe(state), indent=1, allow_nan=False))
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+        fsync_file(f)
+    fsync_dir(tmp)
     if path.exists():  # the same step saved again (a resumed run re-reaching it): replace it
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         os.replace(path, old)
@@ -145,7 +138,7 @@ def save_run_state(path: Path, *, model_state: dict[str, torch.Tensor], optimize
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

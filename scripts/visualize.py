@@ -51,16 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 2
-    from pop3d.cli_checks import require_split, require_student_weights, require_text_embeddings, user_errors
+    from pop3d.cli_checks import require_student_inputs, user_errors
 
     split = args.split or cfg.data.val_split
-    text_path = args.text_embeddings or cfg.eval.text_embeddings
     try:  # every check a user can fail comes before the work
-        require_student_weights(args.weights)
-        if text_path and not args.random_text_embeddings:
-            key = "--text-embeddings" if args.text_embeddings else "eval.text_embeddings"
-            require_text_embeddings(text_path, key)
-        require_split(cfg.data.shards, split)
+        text_path = require_student_inputs(args, cfg, split)
         return run(args, cfg, split, text_path)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

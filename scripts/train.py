@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pop3d.cli_checks import require_file, require_split, user_errors
     from pop3d.training import TrainSetupError, check_output_dir, train
+    from shards.errors import DATA_ERRORS, one_line
 
     try:  # every check a user can fail comes before the work
         if not args.overwrite:  # a folder holding a run needs --resume or --overwrite (train() checks it again)
@@ -43,12 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.init_weights:
             require_file(cfg.train.init_weights, "train.init_weights", "convert the FCOS3D / POP-3D checkpoint "
                          "with scripts/convert_weights.py, or set train.init_weights=null")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from shards.errors import DATA_ERRORS, one_line
-
-    try:
         train(cfg, resume=args.resume, overwrite=args.overwrite)
     except DATA_ERRORS as exc:  # a damaged / missing / old shard: named shard + sample key, no traceback
         print(f"error: {one_line(exc)}", file=sys.stderr)

@@ -119,8 +119,9 @@ def run(args, cfg, entries) -> int:
     device = torch.device(args.device)
     dim = cfg.model.feature_dim
     if args.random_queries:
-        print("!" * 100 + "\n!! RANDOM QUERY EMBEDDINGS: the APs below are meaningless; they only show that the "
-              "pipeline runs.\n" + "!" * 100)
+        from p3d_common.banner import warn_meaningless
+
+        warn_meaningless("RANDOM QUERY EMBEDDINGS: the APs below are meaningless; they only show that the pipeline runs.")
         emb = random_query_embeddings(queries, dim)
         source = "random"
     elif args.query_embeddings:

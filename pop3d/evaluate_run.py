@@ -35,8 +35,8 @@ def eval_device(device: str):
     return None, torch.device(device)
 
 
-def load_eval_student(cfg, weights: str | os.PathLike, config_path: str | os.PathLike, device):
-    """The student of ``cfg`` with its weights (checked against the config), on ``device``."""
+def load_reported_student(cfg, weights: str | os.PathLike, config_path: str | os.PathLike):
+    """The student of ``cfg`` with its weights (checked against the config); prints what was loaded."""
     from pop3d.cli_checks import load_student
     from pop3d.config import config_to_dict
     from pop3d.factory import build_student
@@ -44,7 +44,6 @@ def load_eval_student(cfg, weights: str | os.PathLike, config_path: str | os.Pat
     model = build_student(cfg)
     report = load_student(model, weights, config_path, config_to_dict(cfg.model))
     print(f"weights {weights}: {report}")
-    model.to(device)
     return model
 
 
@@ -105,7 +104,8 @@ def run_evaluation(cfg, split: str, *, weights: str | os.PathLike, config_path: 
         raise UserInputError(str(exc)) from exc
     accelerator, dev = eval_device(device)
     is_main = accelerator is None or accelerator.is_main_process
-    model = load_eval_student(cfg, weights, config_path, dev)
+    model = load_reported_student(cfg, weights, config_path)
+    model.to(dev)
     protocol = occ3d_options.protocol
     occ3d = None
     if protocol != "pop3d":

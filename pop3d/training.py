@@ -358,20 +358,29 @@ def make_accelerator(cfg: RunConfig):
     return accelerator
 
 
-def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run training as configured; returns the path of the final student safetensors.
+@dataclass
+class TrainRun:
+    """What the epoch loop needs, built once by :func:`setup_run` (the same on every rank)."""
 
-    ``resume``: continue from the newest complete checkpoint in ``train.output_dir``; ``overwrite``: delete
-    the run files an earlier training wrote there first. Without either, a folder holding a run is refused."""
-    if resume and overwrite:
-        raise TrainSetupError("--resume and --overwrite exclude each other")
-    from tqdm.auto import tqdm
+    cfg: RunConfig
+    accelerator: Any
+    out_dir: Path
+    data: TrainData
+    total_steps: int
+    prompts: Any  # validation prompts, or None without validation
+    model: Any  # prepared by accelerate
+    teacher: Any
+    optimizer: Any
+    scheduler: Any
+    run_log: RunLog
+    slots: int  # samples per global step: processes x grad_accum_steps
 
-    tc = cfg.train
-    out_dir = Path(tc.output_dir)
-    accelerator = make_accelerator(cfg)
-    is_main, world = accelerator.is_main_process, accelerator.num_processes
-    if overwrite and is_main:
+
+def prepare_output_dir(cfg: RunConfig, accelerator, resume: bool, overwrite: bool) -> Path:
+    """Step 1: delete an earlier run's files if ``overwrite``, refuse a folder holding a run unless ``resume``,
+    and write ``config.yaml`` (rank 0). Returns the output folder."""
+    out_dir = Path(cfg.train.output_dir)
+    if overwrite and accelerator.is_main_process:
         from pop3d.run_state import delete_run
 
         deleted = delete_run(out_dir)
@@ -379,69 +388,101 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
             accelerator.print(f"--overwrite: deleted {', '.join(deleted)} in {out_dir}")
     accelerator.wait_for_everyone()
     check_output_dir(out_dir, resume)
-    if is_main:
+    if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return out_dir
 
-    # 1. data plan and schedule (from the manifest: identical on every rank); validation prompts
-    data = TrainData(cfg, accelerator.process_index, world, accelerator.device)
+
+def setup_run(cfg: RunConfig, accelerator, out_dir: Path) -> TrainRun:
+    """Step 2: the data plan and schedule (from the manifest: identical on every rank), the validation prompts,
+    the models, the optimiser and the LR schedule."""
+    tc = cfg.train
+    data = TrainData(cfg, accelerator.process_index, accelerator.num_processes, accelerator.device)
     spe = data.steps_per_epoch
     total_steps = spe * tc.epochs if tc.max_steps is None else min(spe * tc.epochs, tc.max_steps)
     prompts = validation_setup(cfg) if tc.val_every_epochs else None
-
-    # 2. models, optimiser, schedule; then the checkpoint, if resuming
     model, teacher = build_models(cfg, accelerator.device)
     speed = getattr(cfg, "speed", None) or SpeedConfig()
     accelerator.print(f"speed settings: {apply_speed_settings(speed, accelerator.device, model)}")
     optimizer = build_optimizer(model, tc.lr, tc.backbone_lr_mult, tc.weight_decay)
     scheduler = build_scheduler(optimizer, spe * tc.epochs, tc.warmup_steps, tc.warmup_lr_init, tc.lr_min)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: saved as JSON
-    run_log = RunLog(out_dir, accelerator)
-    slots = world * tc.grad_accum_steps
-    step, best = (restore(accelerator, model, optimizer, scheduler, out_dir, run_log.path, slots) if resume
-                  else (0, None))
-    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1}})
+    return TrainRun(cfg, accelerator, out_dir, data, total_steps, prompts, model, teacher, optimizer, scheduler,
+                    RunLog(out_dir, accelerator), accelerator.num_processes * tc.grad_accum_steps)
 
+
+def run_epochs(run: TrainRun, step: int, best: dict[str, Any] | None) -> int:
+    """Step 4: from ``step`` to ``run.total_steps``: train steps (log, save), and at each epoch end the
+    validation and the epoch-end checkpoint. Returns the last step."""
+    from tqdm.auto import tqdm
+
+    tc, accelerator, model, spe = run.cfg.train, run.accelerator, run.model, run.data.steps_per_epoch
+    world = accelerator.num_processes
     accelerator.print(
-        f"training: {data.n_samples} samples, {world} process(es), {spe} steps/epoch, {total_steps} steps "
+        f"training: {run.data.n_samples} samples, {world} process(es), {spe} steps/epoch, {run.total_steps} steps "
         f"(batch {tc.batch_size} x accum {tc.grad_accum_steps} x {world}), precision {tc.mixed_precision}")
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=step, disable=not accelerator.is_main_process, desc="train",
+               dynamic_ncols=True)
     model.train()
     t_last, steps_since = time.perf_counter(), 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # read on log/save steps only
-    # 3. epochs: steps (log, save), then validation and the epoch-end checkpoint
-    while step < total_steps:
+    while step < run.total_steps:
         epoch = step // spe
-        for p, micro in data.epoch(epoch, step % spe):
-            result = train_step(model, teacher, micro, cfg, accelerator, optimizer, step)
-            scheduler.step()
+        for _, micro in run.data.epoch(epoch, step % spe):
+            result = train_step(model, run.teacher, micro, run.cfg, accelerator, run.optimizer, step)
+            run.scheduler.step()
             step, steps_since = step + 1, steps_since + 1
             bar.update(1)
             nonfinite |= result.nonfinite
             epoch_end = step % spe == 0
-            saving = step % tc.save_every == 0 or epoch_end or step == total_steps
+            saving = step % tc.save_every == 0 or epoch_end or step == run.total_steps
             if (step % tc.log_every == 0 or saving) and bool(nonfinite):  # never log on or save past it
                 raise FloatingPointError(f"non-finite loss at a step <= {step} (since the last check); "
                                          f"last sample {micro[-1]['tokens']}")
-            if step % tc.log_every == 0 or step == total_steps:
+            if step % tc.log_every == 0 or step == run.total_steps:
                 now = time.perf_counter()
-                rec = step_record(result, accelerator, optimizer, step, epoch, steps_since, now - t_last,
+                rec = step_record(result, accelerator, run.optimizer, step, epoch, steps_since, now - t_last,
                                   world * tc.grad_accum_steps * tc.batch_size)
                 t_last, steps_since = now, 0
-                run_log.write(rec)
+                run.run_log.write(rec)
                 bar.set_postfix(loss=f"{rec['total']:.4f}", feat=f"{rec['feature']:.4f}")
             if epoch_end and tc.val_every_epochs and (step // spe) % tc.val_every_epochs == 0:
-                best = validate_and_log(model, cfg, accelerator, prompts, run_log, step, epoch, best)
+                best = validate_and_log(model, run.cfg, accelerator, run.prompts, run.run_log, step, epoch, best)
             if saving:
-                save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, step, epoch, best,
-                                tc.keep_checkpoints, slots)
-            if step >= total_steps:
+                save_checkpoint(accelerator, model, run.optimizer, run.scheduler, run.out_dir, step, epoch, best,
+                                tc.keep_checkpoints, run.slots)
+            if step >= run.total_steps:
                 break
     bar.close()
+    return step
+
+
+def finish(run: TrainRun, step: int) -> Path:
+    """Step 5: rank 0 writes the final student safetensors; the trackers close. Returns its path."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    final = out_dir / "student.safetensors"
-    if is_main:
-        save_student(accelerator.unwrap_model(model), final, cfg, step)
+    final = run.out_dir / "student.safetensors"
+    if accelerator.is_main_process:
+        save_student(accelerator.unwrap_model(run.model), final, run.cfg, step)
         accelerator.print(f"saved student weights to {final}")
     accelerator.end_training()
     return final
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run training as configured; returns the path of the final student safetensors.
+
+    ``resume``: continue from the newest complete checkpoint in ``train.output_dir``; ``overwrite``: delete
+    the run files an earlier training wrote there first. Without either, a folder holding a run is refused."""
+    if resume and overwrite:
+        raise TrainSetupError("--resume and --overwrite exclude each other")
+    accelerator = make_accelerator(cfg)
+    out_dir = prepare_output_dir(cfg, accelerator, resume, overwrite)
+    run = setup_run(cfg, accelerator, out_dir)
+    # step 3: the checkpoint, if resuming
+    step, best = (restore(accelerator, run.model, run.optimizer, run.scheduler, out_dir, run.run_log.path, run.slots)
+                  if resume else (0, None))
+    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1}})
+    step = run_epochs(run, step, best)
+    return finish(run, step)

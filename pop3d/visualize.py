@@ -226,8 +226,31 @@ def render_sample(images, prediction, gt=None, teacher_points=None, *, title: st
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
 
+    ims, names, pred = _checked_inputs(images, prediction, gt, camera_names)
+    colors = np.asarray(colors, np.uint8)
+    h, w = ims.shape[1:3]
+
+    fig_w = 18.0
+    cam_h = fig_w / 3 * h / w
+    bottom_h = 5.2
+    fig = Figure(figsize=(fig_w, 2 * cam_h + bottom_h + (0.5 if title else 0.1)), dpi=dpi, layout="constrained")
+    outer = fig.add_gridspec(2, 1, height_ratios=[2 * cam_h, bottom_h])
+    _draw_cameras(fig, outer[0].subgridspec(2, 3, wspace=0.01, hspace=0.02), ims, names, teacher_points)
+
+    ratios = [1, 1, 1.25, 0.75] if show_3d else [1, 1, 0.75]
+    bottom = outer[1].subgridspec(1, len(ratios), width_ratios=ratios)
+    _draw_top_views(fig, bottom, pred, gt, grid, colors)
+    if show_3d:
+        _draw_voxels(fig.add_subplot(bottom[2], projection="3d"), pred, colors, max_voxels_3d, grid)
+    _draw_legend(fig.add_subplot(bottom[-1]), pred, gt, colors)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig
+
+
+def _checked_inputs(images, prediction, gt, camera_names: Sequence[str] | None):
+    """Panel inputs checked: (images uint8 (6, H, W, 3), the 6 camera names, prediction int (X, Y, Z))."""
     from shards.geometry import CAMERAS
 
     ims = _images_hwc(images)
@@ -239,15 +262,15 @@ def render_sample(images, prediction, gt=None, teacher_points=None, *, title: st
         raise ValueError(f"prediction must be (X, Y, Z), got {pred.shape}")
     if gt is not None and _numpy(gt).shape != pred.shape:
         raise ValueError(f"gt {_numpy(gt).shape} and prediction {pred.shape} differ in shape")
-    colors = np.asarray(colors, np.uint8)
-    h, w = ims.shape[1:3]
+    return ims, names, pred
 
-    fig_w = 18.0
-    cam_h = fig_w / 3 * h / w
-    bottom_h = 5.2
-    fig = Figure(figsize=(fig_w, 2 * cam_h + bottom_h + (0.5 if title else 0.1)), dpi=dpi, layout="constrained")
-    outer = fig.add_gridspec(2, 1, height_ratios=[2 * cam_h, bottom_h])
-    cams = outer[0].subgridspec(2, 3, wspace=0.01, hspace=0.02)
+
+def _draw_cameras(fig, cams, ims: np.ndarray, names: tuple[str, ...], teacher_points) -> None:
+    """Camera panels: the 2 x 3 grid ``cams`` in :data:`CAMERA_LAYOUT` order, teacher points as dots on top.
+
+    ims: uint8 (6, H, W, 3) in ``names`` order; teacher_points: ``(cam (M,), rowcol (M, 2), rgb (M, 3))`` or None.
+    """
+    h, w = ims.shape[1:3]
     if teacher_points is not None:
         t_cam, t_rc, t_rgb = (_numpy(a) for a in teacher_points)
     for r, row in enumerate(CAMERA_LAYOUT):
@@ -266,8 +289,12 @@ def render_sample(images, prediction, gt=None, teacher_points=None, *, title: st
             ax.set_axis_off()
             ax.set_title(name.removeprefix("CAM_").replace("_", " ").lower(), fontsize=10, pad=2)
 
-    ratios = [1, 1, 1.25, 0.75] if show_3d else [1, 1, 0.75]
-    bottom = outer[1].subgridspec(1, len(ratios), width_ratios=ratios)
+
+def _draw_top_views(fig, bottom, pred: np.ndarray, gt, grid, colors: np.ndarray) -> None:
+    """Top-view panels: prediction in ``bottom[0]``, ground truth (or a note that there is none) in ``bottom[1]``.
+
+    pred, gt: int (X, Y, Z); axes in metres when ``grid`` is given, voxel indices otherwise.
+    """
     extent = None
     if grid is not None:
         extent = (grid.pc_min[0], grid.pc_max[0], grid.pc_min[1], grid.pc_max[1])
@@ -279,9 +306,12 @@ def render_sample(images, prediction, gt=None, teacher_points=None, *, title: st
     else:
         ax_gt.text(0.5, 0.5, "no ground truth\n(split without lidarseg)", ha="center", va="center", fontsize=11)
         ax_gt.set_axis_off()
-    if show_3d:
-        _draw_voxels(fig.add_subplot(bottom[2], projection="3d"), pred, colors, max_voxels_3d, grid)
-    ax_leg = fig.add_subplot(bottom[-1])
+
+
+def _draw_legend(ax_leg, pred: np.ndarray, gt, colors: np.ndarray) -> None:
+    """Legend panel: every class, greyed "(absent)" where neither prediction nor GT holds it; empty, unobserved."""
+    from matplotlib.patches import Patch
+
     ax_leg.set_axis_off()
     present = _present_classes(pred, gt)
     handles = [Patch(facecolor=colors[k] / 255.0, edgecolor="black", linewidth=0.4,
@@ -296,6 +326,3 @@ def render_sample(images, prediction, gt=None, teacher_points=None, *, title: st
     for text, k in zip(leg.get_texts(), range(1, EMPTY_CLASS)):
         if k not in present:
             text.set_color("0.55")
-    if title:
-        fig.suptitle(title, fontsize=12)
-    return fig

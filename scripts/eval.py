@@ -19,24 +19,11 @@ machines add ``--multi_gpu``).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
-
-
-def meter_json(meter) -> dict:
-    """A MeanIoU's summary and per-class IoUs as strict JSON: an undefined value (a class absent from the GT,
-    or no class present) is null, and ``undefined`` counts the null IoUs."""
-    def finite(v):
-        return v if not isinstance(v, float) or math.isfinite(v) else None
-
-    iou = {k: finite(v) for k, v in zip(meter.names, meter.iou().tolist())}
-    return {**{k: finite(v) for k, v in meter.summary().items()}, "iou": iou,
-            "undefined": sum(v is None for v in iou.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,88 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or cfg.data.val_split
     try:  # every check a user can fail comes before the work
         text_path = require_student_inputs(args, cfg, split, need_lidarseg=True)
-        return run(args, cfg, split, text_path)
+        from pop3d.evaluate_run import run_evaluation
+
+        return run_evaluation(cfg, split, weights=args.weights, config_path=args.config, text_path=text_path,
+                              random_text=args.random_text_embeddings, device=args.device,
+                              max_samples=args.max_samples, out=args.out, occ3d_options=args)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def run(args, cfg, split: str, text_path: str | None) -> int:
-    import os
-
-    import torch
-
-    from pop3d.cli_checks import UserInputError, load_student
-    from p3d_common.atomic import atomic_path
-    from pop3d.config import config_to_dict
-    from pop3d.evaluate import evaluate, select_text_prompts
-    from pop3d.factory import build_student, grid_spec_of
-    from shards.loader import make_loader
-    from shards.order import eval_loader
-
-    try:
-        prompts = select_text_prompts(text_path, args.random_text_embeddings, cfg.model.feature_dim)
-    except ValueError as exc:  # no embeddings given, or of another width
-        raise UserInputError(str(exc)) from exc
-    accelerator = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        device = accelerator.device
-    else:
-        device = torch.device(args.device)
-    is_main = accelerator is None or accelerator.is_main_process
-    model = build_student(cfg)
-    report = load_student(model, args.weights, args.config, config_to_dict(cfg.model))
-    print(f"weights {args.weights}: {report}")
-    model.to(device)
-    occ3d = None
-    if args.protocol != "pop3d":
-        from pop3d.occ3d import Occ3DError, run_occ3d_protocol
-
-        try:
-            occ3d = run_occ3d_protocol(args, cfg, model, prompts, split, device)
-        except (Occ3DError, FileNotFoundError) as exc:
-            raise UserInputError(str(exc)) from exc
-    if args.protocol == "occ3d":
-        from pop3d.occ3d import write_occ3d_results
-
-        return write_occ3d_results(args, split, occ3d)
-    max_samples = args.max_samples or cfg.eval.max_samples
-    from shards.errors import DATA_ERRORS, one_line
-
-    try:  # a damaged / missing / old shard: named shard + sample key, exit 2, no traceback
-        if accelerator is not None:  # this rank's shards; counts summed over ranks
-            loader = eval_loader(cfg.data.shards, split, grid_spec_of(cfg), rank=accelerator.process_index,
-                                 world=accelerator.num_processes, num_workers=cfg.data.num_workers,
-                                 max_samples=max_samples)
-        else:
-            loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers,
-                                 grid=grid_spec_of(cfg), shuffle=False, eval_gt=True)
-        m = evaluate(model, loader, prompts, device=device, student_image_hw=cfg.data.student_image_hw,
-                     normalized_cosine=cfg.eval.normalized_cosine, max_samples=max_samples,
-                     progress=is_main, accelerator=accelerator)
-    except DATA_ERRORS as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    if not is_main:
-        return 0
-    print(f"\nZero-shot semantic occupancy, voxels vs ray-cast GT, {split} ({m.samples} samples)\n"
-          + m.semantic.table())
-    print("\nOccupancy (free / occupied), voxels vs ray-cast GT\n" + m.occupancy.table())
-    print("\nZero-shot semantic segmentation of the LiDAR points (16 classes)\n" + m.points.table())
-    results = {"split": split, "samples": m.samples, "weights": str(args.weights),
-               "random_text_embeddings": args.random_text_embeddings}
-    for name in ("semantic", "occupancy", "points"):
-        results[name] = meter_json(getattr(m, name))
-    if occ3d is not None:
-        results["occ3d"] = occ3d
-    out = args.out or Path(args.weights).with_suffix(f".eval_{split}.json")
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    print(f"\nwrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

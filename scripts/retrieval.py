@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 from pop3d.config import add_config_arguments, config_from_args
@@ -53,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         entries = check_inputs(args, cfg)  # every check a user can fail comes before the work
-        return run(args, cfg, entries)
+        from pop3d.retrieval.cli_run import run_retrieval
+
+        return run_retrieval(cfg, entries, weights=args.weights, config_path=args.config, benchmark=args.benchmark,
+                             splits=args.splits, random_queries=args.random_queries,
+                             query_embeddings_path=args.query_embeddings, clip_weights=args.clip_weights,
+                             save_query_embeddings_path=args.save_query_embeddings, device=args.device,
+                             out=args.out, maskclip=not args.no_maskclip, allow_missing=args.allow_missing,
+                             num_workers=args.num_workers, progress=not args.no_progress)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -93,79 +99,6 @@ def check_inputs(args, cfg):
                 f"scripts/build_shards.py --splits {' '.join(lacking)} ...{leave_out}, or pass --allow-missing to "
                 "report them as missing")
     return entries
-
-
-def run(args, cfg, entries) -> int:
-    import torch
-
-    from pop3d.cli_checks import load_student
-    from pop3d.config import config_to_dict
-    from pop3d.factory import build_student, grid_spec_of
-    from pop3d.retrieval import (
-        TABLE_SPLITS,
-        clip_query_embeddings,
-        evaluate_retrieval,
-        format_table,
-        load_query_embeddings,
-        random_query_embeddings,
-        save_query_embeddings,
-        summarize,
-        write_results,
-    )
-
-    queries = [e.query for e in entries]
-    print(f"benchmark {args.benchmark}: {len(entries)} entries, {len(set(queries))} distinct queries "
-          f"({', '.join(f'{s} {sum(e.split == s for e in entries)}' for s in args.splits)})")
-    device = torch.device(args.device)
-    dim = cfg.model.feature_dim
-    if args.random_queries:
-        print("!" * 100 + "\n!! RANDOM QUERY EMBEDDINGS: the APs below are meaningless; they only show that the "
-              "pipeline runs.\n" + "!" * 100)
-        emb = random_query_embeddings(queries, dim)
-        source = "random"
-    elif args.query_embeddings:
-        emb = load_query_embeddings(args.query_embeddings, queries)
-        source = str(args.query_embeddings)
-    else:
-        emb = clip_query_embeddings(queries, args.clip_weights, device=device, progress=not args.no_progress)
-        source = str(args.clip_weights)
-    got = next(iter(emb.values())).shape[0]
-    if got != dim:
-        print(f"error: {source}: query embeddings have {got} dims, the student predicts {dim} (model.feature_dim)",
-              file=sys.stderr)
-        return 2
-    if args.save_query_embeddings:
-        save_query_embeddings(args.save_query_embeddings, emb, source)
-        print(f"wrote query embeddings to {args.save_query_embeddings}")
-
-    model = build_student(cfg)
-    print(f"weights {args.weights}: {load_student(model, args.weights, args.config, config_to_dict(cfg.model))}")
-    model.to(device)
-    teacher = None
-    if not args.no_maskclip:
-        from teacher.live import build_teacher_from_config
-
-        teacher = build_teacher_from_config(cfg.teacher, device=device)
-    report = evaluate_retrieval(
-        model, teacher, entries, emb, cfg.data.shards, grid_spec_of(cfg), device=device,
-        student_image_hw=cfg.data.student_image_hw,
-        num_workers=cfg.data.num_workers if args.num_workers is None else args.num_workers,
-        progress=not args.no_progress, allow_missing=args.allow_missing)
-    table_splits = [s for s in TABLE_SPLITS if s in args.splits or s == "valtest"]
-    summaries = summarize(report.results, table_splits)
-    print()
-    for s in summaries:
-        print(format_table(s) + "\n")
-    for line in report.summary_lines():
-        print(line)
-    stamp = time.strftime("%Y%m%d_%H%M%S")
-    paths = write_results(args.out, report, summaries, stamp, extra={
-        "weights": str(args.weights), "config": str(args.config), "benchmark": str(args.benchmark),
-        "queries": source, "random_queries": bool(args.random_queries), "maskclip": teacher is not None,
-        "teacher_weights": None if teacher is None else cfg.teacher.weights, "splits": list(args.splits)})
-    for kind, path in paths.items():
-        print(f"wrote {kind}: {path}")
-    return 0
 
 
 if __name__ == "__main__":

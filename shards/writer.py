@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from shards.manifest import write_manifest
 from shards.outdir import (
     FORMAT_NAME,
     atomic_write_json,
@@ -354,10 +355,20 @@ def build_shards(
 def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, workers: int,
                   samples_per_shard: int, skip_bad: bool, verify: str, progress: bool, source_check: str,
                   build_id: str) -> dict[str, Any]:
-    """:func:`build_shards` once the folder is locked and checked."""
-    from tqdm import tqdm
+    """:func:`build_shards` once the folder is locked and checked: plan, resume, write, manifest."""
+    plans, tasks, skipped = _plan_build(dataroot, split_version, samples_per_shard, skip_bad, build_id)
+    done, todo = _resume_check(tasks, out_dir, dataroot, split_version, verify, source_check)
+    _write_missing(todo, tasks, done, dataroot, out_dir, workers, skip_bad, progress, source_check, build_id)
+    return write_manifest(plans, tasks, done, skipped, out_dir, split_version, samples_per_shard, build_id)
 
-    # 1. plan (devkit, main process only)
+
+def _plan_build(dataroot: str, split_version: dict[str, str], samples_per_shard: int, skip_bad: bool,
+                build_id: str) -> tuple[dict[str, SplitPlan], list[ShardTask], dict[str, list[dict[str, str]]]]:
+    """Step 1: plan every split with the devkit (main process only) and cut it into shard tasks.
+
+    Returns (plans by split, all shard tasks stamped with ``build_id``, skipped samples by split). Raises
+    :class:`DataError` on bad input files unless ``skip_bad``, and when a split has no sample left.
+    """
     plans: dict[str, SplitPlan] = {}
     for version in dict.fromkeys(split_version.values()):
         nusc = open_nuscenes(dataroot, version)
@@ -381,8 +392,15 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
         tasks += plan_shards(plan, recs, samples_per_shard, skip_bad)
     for t in tasks:
         t.build_id = build_id
+    return plans, tasks, skipped
 
-    # 2. resume: keep finished shards; refuse foreign files at our names; remove our unplanned shards
+
+def _resume_check(tasks: list[ShardTask], out_dir: str, dataroot: str, split_version: dict[str, str], verify: str,
+                  source_check: str) -> tuple[dict[str, dict[str, Any]], list[ShardTask]]:
+    """Step 2: keep finished shards, refuse foreign files at our names, remove our shards no longer planned.
+
+    Returns (manifest entries of finished shards by name, tasks still to write).
+    """
     owned = owned_names(out_dir)
     refuse_foreign(out_dir, [t.name for t in tasks], owned)
     done: dict[str, dict[str, Any]] = {}
@@ -400,8 +418,18 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
             for p in (os.path.join(out_dir, name), sidecar_path(out_dir, name)):
                 if os.path.exists(p):
                     os.remove(p)
+    return done, todo
 
-    # 3. write the missing shards
+
+def _write_missing(todo: list[ShardTask], tasks: list[ShardTask], done: dict[str, dict[str, Any]], dataroot: str,
+                   out_dir: str, workers: int, skip_bad: bool, progress: bool, source_check: str,
+                   build_id: str) -> None:
+    """Step 3: write the shards of ``todo`` (in a spawn pool when ``workers`` > 1), adding their entries to ``done``.
+
+    On failure in the pool the workers are stopped and this build's temp files removed before re-raising.
+    """
+    from tqdm import tqdm
+
     bar = tqdm(total=sum(len(t.records) for t in tasks), initial=sum(e["num_samples"] for e in done.values()),
                unit="sample", desc=f"shards -> {out_dir}", disable=not progress)
     try:
@@ -425,52 +453,6 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
                     raise
     finally:
         bar.close()
-
-    # 4. manifest (merged with splits of earlier runs that this run did not touch)
-    man_path = os.path.join(out_dir, MANIFEST_NAME)
-    old_splits: dict[str, Any] = {}
-    if os.path.exists(man_path):
-        with open(man_path) as f:
-            old_splits = json.load(f).get("splits", {})
-    split_entries = {k: v for k, v in old_splits.items() if k not in split_version}
-    for split in split_version:
-        plan = plans[split]
-        entries = [done[t.name] for t in tasks if t.split == split]
-        shards = [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256", "samples")} for e in entries]
-        late_skips = [s for e in entries for s in e["skipped"]]
-        late = {s["sample_token"] for s in late_skips}
-        skipped[split] = skipped[split] + late_skips
-        recs = [r for t in tasks if t.split == split for r in t.records if r.token not in late]
-        split_entries[split] = {
-            "version": plan.version,
-            "nuscenes_split": plan.devkit_split,
-            "has_lidarseg": plan.has_lidarseg,
-            "scenes_listed": plan.scenes_listed,
-            "scenes_present": plan.scenes_present,
-            "scenes_missing": plan.scenes_missing,
-            "samples_per_shard": samples_per_shard,
-            "num_samples": sum(s["num_samples"] for s in shards),
-            "num_shards": len(shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "source_bytes": sum(sum(r.source_sizes) for r in recs),
-            "num_skipped": len(skipped[split]),
-            "skipped": skipped[split],
-            "shards": shards,
-        }
-    manifest = {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "splits": {k: split_entries[k] for k in sorted(split_entries)},
-        "totals": {
-            "num_samples": sum(e["num_samples"] for e in split_entries.values()),
-            "num_shards": sum(e["num_shards"] for e in split_entries.values()),
-            "bytes": sum(e["bytes"] for e in split_entries.values()),
-            "source_bytes": sum(e["source_bytes"] for e in split_entries.values()),
-            "num_skipped": sum(e["num_skipped"] for e in split_entries.values()),
-        },
-    }
-    atomic_write_json(man_path, manifest, build_id)
-    return manifest
 
 
 def read_manifest(path_or_dir: str) -> tuple[dict[str, Any], str]:

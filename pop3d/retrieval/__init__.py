@@ -26,7 +26,8 @@ predicted-occupied voxel do not crash (no voxel pass is needed for retrieval); a
 point in the set has AP 0.0 (sklearn's value since 1.1, hence the original's) and counts in the mean.
 
 Layout: ``benchmark`` (the CSV + annotation files), ``queries`` (query embeddings), ``scoring`` (scores and
-APs of one sample), ``run`` (the pass over the shards), ``report`` (tables and result files).
+APs of one sample), ``run`` (the pass over the shards), ``report`` (tables and result files), ``cli_run``
+(``scripts/retrieval.py``'s run).
 """
 from __future__ import annotations
 

@@ -358,6 +358,8 @@ def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, wo
     """:func:`build_shards` once the folder is locked and checked: plan, resume, write, manifest."""
     plans, tasks, skipped = _plan_build(dataroot, split_version, samples_per_shard, skip_bad, build_id)
     done, todo = _resume_check(tasks, out_dir, dataroot, split_version, verify, source_check)
+    if done:
+        print(f"reusing {len(done)} finished shard(s) in {out_dir} (checked: {verify}); {len(todo)} to write")
     _write_missing(todo, tasks, done, dataroot, out_dir, workers, skip_bad, progress, source_check, build_id)
     return write_manifest(plans, tasks, done, skipped, out_dir, split_version, samples_per_shard, build_id)
 

@@ -7,11 +7,11 @@ import math
 import torch
 
 
-def _rig(h: int, w: int) -> torch.Tensor:
-    """(1, 6, 4, 4) lidar2img of six outward cameras 1.5 m above the LiDAR, for (h, w) images."""
+def camera_ring(h: int, w: int, n: int = 6) -> torch.Tensor:
+    """(1, n, 4, 4) lidar2img of n outward cameras 1.5 m above the LiDAR, focal w/2, for (h, w) images."""
     mats = []
-    for i in range(6):
-        yaw = 2 * math.pi * i / 6
+    for i in range(n):
+        yaw = 2 * math.pi * i / n
         fwd = torch.tensor([math.cos(yaw), math.sin(yaw), 0.0])
         right = torch.tensor([math.sin(yaw), -math.cos(yaw), 0.0])
         rot = torch.stack([right, torch.tensor([0.0, 0.0, -1.0]), fwd])
@@ -27,7 +27,7 @@ def _rig(h: int, w: int) -> torch.Tensor:
 def make_batch(cfg, seed: int = 0, h: int = 90, w: int = 160, n_points: int = 400) -> dict:
     """A loader-shaped batch of one sample: random images and points, their projections into the rig."""
     g = torch.Generator().manual_seed(seed)
-    lidar2img = _rig(h, w)
+    lidar2img = camera_ring(h, w)
     r = 3 + 40 * torch.rand(n_points, generator=g)
     th = 2 * math.pi * torch.rand(n_points, generator=g)
     pts = torch.stack([r * th.cos(), r * th.sin(), -1.5 + 2 * torch.rand(n_points, generator=g)], 1)

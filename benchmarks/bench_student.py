@@ -40,19 +40,10 @@ def make_config(name: str) -> StudentConfig:
 
 
 def make_rig(b: int, n: int, h: int, w: int) -> torch.Tensor:
-    """(B, N, 4, 4) outward-looking ring of cameras, focal w/2."""
-    import math
-    mats = []
-    for i in range(n):
-        yaw = 2 * math.pi * i / n
-        rot = torch.tensor([[math.sin(yaw), -math.cos(yaw), 0.0], [0.0, 0.0, -1.0], [math.cos(yaw), math.sin(yaw), 0.0]])
-        ext = torch.eye(4)
-        ext[:3, :3], ext[:3, 3] = rot, -rot @ torch.tensor([0.0, 0.0, 1.5])
-        k = torch.eye(4)
-        k[0, 0] = k[1, 1] = w / 2
-        k[0, 2], k[1, 2] = w / 2, h / 2
-        mats.append(k @ ext)
-    return torch.stack(mats)[None].repeat(b, 1, 1, 1)
+    """(B, N, 4, 4) outward-looking ring of cameras, focal w/2 (benchmarks/_synthetic_batch.py)."""
+    from benchmarks._synthetic_batch import camera_ring
+
+    return camera_ring(h, w, n).repeat(b, 1, 1, 1)
 
 
 class SavedBytes:

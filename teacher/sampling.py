@@ -132,6 +132,12 @@ class ExactSampler:
         return F.embedding_bag(flat_idx.flatten(1), table, per_sample_weights=weights.flatten(1), mode="sum")
 
 
+def _grid_coords(rowcol: torch.Tensor, orig_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel (row, col) of the original image -> grid_sample's x, y in [-1, 1] (align_corners=False): (P,) each."""
+    rc = rowcol.to(torch.float32)
+    return (rc[:, 1] + 0.5) / orig_hw[1] * 2 - 1, (rc[:, 0] + 0.5) / orig_hw[0] * 2 - 1
+
+
 def sample_grid(feats: torch.Tensor, img_index: torch.Tensor, rowcol: torch.Tensor,
                 orig_hw: tuple[int, int]) -> torch.Tensor:
     """Approximate sampler: one bilinear grid_sample per image at the pixel centre (align_corners=False).
@@ -142,10 +148,8 @@ def sample_grid(feats: torch.Tensor, img_index: torch.Tensor, rowcol: torch.Tens
     _n, c, _h, _w = feats.shape
     dev = feats.device
     img_index = img_index.to(dev)
-    rc = rowcol.to(dev).to(torch.float32)
-    gx = (rc[:, 1] + 0.5) / orig_hw[1] * 2 - 1
-    gy = (rc[:, 0] + 0.5) / orig_hw[0] * 2 - 1
-    out = torch.empty(rc.shape[0], c, dtype=torch.float32, device=dev)
+    gx, gy = _grid_coords(rowcol.to(dev), orig_hw)
+    out = torch.empty(gx.shape[0], c, dtype=torch.float32, device=dev)
     for i in torch.unique(img_index).tolist():
         sel = torch.nonzero(img_index == i).flatten()
         grid = torch.stack([gx[sel], gy[sel]], -1).view(1, 1, -1, 2)
@@ -162,11 +166,9 @@ def sample_grid_dense(feats: torch.Tensor, img_index: torch.Tensor, rowcol: torc
     n, c, _h, _w = feats.shape
     dev = feats.device
     img_index = img_index.to(dev)
-    rc = rowcol.to(dev).to(torch.float32)
-    gx = (rc[:, 1] + 0.5) / orig_hw[1] * 2 - 1
-    gy = (rc[:, 0] + 0.5) / orig_hw[0] * 2 - 1
+    gx, gy = _grid_coords(rowcol.to(dev), orig_hw)
     grid = torch.stack([gx, gy], -1).view(1, 1, -1, 2)
-    out = torch.zeros(rc.shape[0], c, dtype=torch.float32, device=dev)
+    out = torch.zeros(gx.shape[0], c, dtype=torch.float32, device=dev)
     for i in range(n):
         got = F.grid_sample(feats[i:i + 1].float(), grid, mode="bilinear", padding_mode="border",
                             align_corners=False)[0, :, 0].t()   # (P, C)

@@ -116,22 +116,24 @@ def require_student_weights(weights: str | os.PathLike) -> Path:
     return w
 
 
-def load_student(model, weights: str | os.PathLike, config: str | os.PathLike, model_config: dict | None = None):
-    """``load_student_weights(model, weights, kind='pop3d')`` with a one-line UserInputError when the file was
-    made for another model configuration (naming the keys that differ and the run's own config.yaml)."""
-    from pop3d.checkpoint import load_student_weights
+def load_student(cfg, weights: str | os.PathLike, config: str | os.PathLike):
+    """:func:`pop3d.factory.load_student` (the student of ``cfg`` with its weights, eval mode) with a one-line
+    UserInputError when the file does not fit: for a file made for another model configuration it names the
+    keys that differ and the run's own config.yaml. Returns (model, load report)."""
+    from pop3d.config import config_to_dict
+    from pop3d.factory import load_student as factory_load_student
     from teacher.weights_io import CheckpointError
 
     w = require_student_weights(weights)
     try:
-        return load_student_weights(model, w, kind="pop3d")
+        return factory_load_student(cfg, w)
     except CheckpointError as exc:
         msg = str(exc)
         if "does not fit" not in msg:
             raise UserInputError(msg) from exc
         own = w.parent / "config.yaml"
         hint = f"--config {own}" if own.is_file() else "the config.yaml it was trained with"
-        what = _config_diff(w, model_config) or msg.split("; ", 1)[-1][:200]
+        what = _config_diff(w, config_to_dict(cfg.model)) or msg.split("; ", 1)[-1][:200]
         raise UserInputError(f"{w} (--weights): made for another model configuration than {config} ({what}); "
                              f"use the run's own config.yaml: {hint}") from exc
 

@@ -38,11 +38,8 @@ def eval_device(device: str):
 def load_reported_student(cfg, weights: str | os.PathLike, config_path: str | os.PathLike):
     """The student of ``cfg`` with its weights (checked against the config); prints what was loaded."""
     from pop3d.cli_checks import load_student
-    from pop3d.config import config_to_dict
-    from pop3d.factory import build_student
 
-    model = build_student(cfg)
-    report = load_student(model, weights, config_path, config_to_dict(cfg.model))
+    model, report = load_student(cfg, weights, config_path)
     print(f"weights {weights}: {report}")
     return model
 

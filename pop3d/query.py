@@ -91,10 +91,10 @@ def run_query(config: str, weights: str, texts: Sequence[str], out: str | Path, 
               png: str | Path | None = None, device: str = "cpu", overrides: Sequence[str] = ()) -> tuple[Path, Path]:
     """The whole ``scripts/query.py`` job: writes the HTML viewer ``out`` and the PNG (default: ``out`` with
     ``.png``). Returns both paths. Raises :class:`QueryError` with a one-line message on bad input."""
-    from pop3d.checkpoint import load_student_weights
+    from pop3d.cli_checks import load_student
     from pop3d.config import ConfigError, load_config
     from pop3d.query_viewer import render_query_png, write_query_html
-    from pop3d.factory import build_student, grid_spec_of
+    from pop3d.factory import grid_spec_of
     from shards.loader import read_sample
 
     if not texts or any(not t.strip() for t in texts):
@@ -126,12 +126,12 @@ def run_query(config: str, weights: str, texts: Sequence[str], out: str | Path, 
                             eval_gt=False)
     except (LookupError, ValueError, FileNotFoundError) as exc:
         raise QueryError(str(exc)) from None
-    model = build_student(cfg)
     try:
-        load_student_weights(model, weights, kind="pop3d")
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise QueryError(f"{weights}: {str(exc).splitlines()[0]}") from None
-    model.to(dev).eval()
+        model, _ = load_student(cfg, weights, config)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # the loader's messages name the file
+        msg = str(exc).splitlines()[0]
+        raise QueryError(msg if str(weights) in msg else f"{weights}: {msg}") from None
+    model.to(dev)
     result = query_sample(model, batch, queries, texts, grid, device=dev,
                           student_image_hw=cfg.data.student_image_hw, all_voxels=all_voxels)
     notes = ["RANDOM text embeddings: similarities mean nothing"] if random_text else []

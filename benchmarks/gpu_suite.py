@@ -214,15 +214,19 @@ def sec_student(ctx) -> dict:
 
 
 def _train_parts(ctx):
+    """Everything a training step needs: student, live teacher, optimiser, one device batch, the photometric
+    generator."""
+    import torch
+
     from pop3d.schedule import build_optimizer
     from teacher.live import build_teacher_from_config
 
-    cfg, dev = ctx["cfg"], ctx["device"]
+    cfg, sz, dev = ctx["cfg"], ctx["sz"], ctx["device"]
     cfg.teacher.compile = dev.type == "cuda"
     model = _student(ctx)
     teacher = build_teacher_from_config(cfg.teacher, dev)
     optimizer = build_optimizer(model, 1e-4)
-    return model, teacher, optimizer
+    return model, teacher, optimizer, _batch(cfg, sz, dev), torch.Generator().manual_seed(0)
 
 
 def _one_step(model, teacher, optimizer, batch, cfg, generator, timer=None):
@@ -245,14 +249,10 @@ def _one_step(model, teacher, optimizer, batch, cfg, generator, timer=None):
 
 
 def sec_train_step(ctx) -> dict:
-    import torch
-
     from pop3d.cuda_setup import StepTimer
 
     cfg, sz, dev = ctx["cfg"], ctx["sz"], ctx["device"]
-    model, teacher, optimizer = _train_parts(ctx)
-    batch = _batch(cfg, sz, dev)
-    gen = torch.Generator().manual_seed(0)
+    model, teacher, optimizer, batch, gen = _train_parts(ctx)
     res = Timer(dev).run(lambda: _one_step(model, teacher, optimizer, batch, cfg, gen), sz["iters"], sz["warmup"])
     timer = StepTimer(dev)
     parts: dict[str, float] = {}
@@ -360,10 +360,8 @@ def sec_sync_debug(ctx) -> dict:
 
     import torch
 
-    cfg, sz, dev = ctx["cfg"], ctx["sz"], ctx["device"]
-    model, teacher, optimizer = _train_parts(ctx)
-    batch = _batch(cfg, sz, dev)
-    gen = torch.Generator().manual_seed(0)
+    cfg, dev = ctx["cfg"], ctx["device"]
+    model, teacher, optimizer, batch, gen = _train_parts(ctx)
     for _ in range(2):
         _one_step(model, teacher, optimizer, batch, cfg, gen)  # warm-up: caches, compile
     out = {}

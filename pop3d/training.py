@@ -65,29 +65,82 @@ def build_models(cfg: RunConfig, device: torch.device):
     return model, teacher
 
 
-def feature_points(batch: dict[str, Any]) -> torch.Tensor:
-    """Grid coordinates of every projection, for batch size 1: (1, M, 3) float32.
+def projection_counts(batch: dict[str, Any]) -> list[int]:
+    """Projections per sample, [M_b] * B, on the host: the loader's ``n_proj`` (training), else from the
+    shapes (B == 1), else from ``proj_batch`` (one device->host read)."""
+    b = len(batch["grid_ind"])
+    if "n_proj" in batch:
+        return [int(n) for n in batch["n_proj"]]
+    if b == 1:
+        return [int(batch["proj_point"].shape[0])]
+    return torch.bincount(batch["proj_batch"], minlength=b).tolist()
+
+
+def feature_points(batch: dict[str, Any], counts: list[int] | None = None) -> torch.Tensor:
+    """Grid coordinates of every projection, (B, max_b M_b, 3) float32: sample b's M_b projections first,
+    then zeros (padding; its outputs are never read). ``counts``: :func:`projection_counts`.
 
     A point seen by k cameras appears k times, each paired with its own teacher target (pipeline.md §1.9).
     """
-    if len(batch["grid_ind"]) != 1:
-        raise ValueError("the training step expects batch size 1 per process")
-    return batch["grid_ind"][0][batch["proj_point"]].unsqueeze(0).float()
+    counts = projection_counts(batch) if counts is None else counts
+    if len(counts) == 1:
+        return batch["grid_ind"][0][batch["proj_point"]].unsqueeze(0).float()
+    m, start, rows = max(counts), 0, []
+    for grid_ind, n in zip(batch["grid_ind"], counts):
+        f = grid_ind[batch["proj_point"][start:start + n]].float()
+        rows.append(torch.nn.functional.pad(f, (0, 0, 0, m - n)))
+        start += n
+    return torch.stack(rows)
 
 
-def sample_generators(seed: int, epoch: int, token: str) -> torch.Generator:
-    """Seed the random draws of one sample: the global RNGs (GridMask, dropout, on every device) from
-    (seed, epoch, token, "model"); returns the CPU generator of its photometric augmentation."""
-    torch.manual_seed(stable_seed(seed, epoch, token, "model"))
-    return torch.Generator().manual_seed(stable_seed(seed, epoch, token, "photometric"))
+def seed_sample_draws(seed: int, epoch: int, tokens: list[str]) -> list[torch.Generator] | None:
+    """Seed the random draws of one micro-batch. B == 1: the global RNGs (GridMask, dropout, on every device)
+    from (seed, epoch, token, "model"), returns None. B > 1: the global RNGs (dropout) from
+    (seed, epoch, token_1, ..., token_B, "model"), and returns one CPU generator per sample seeded
+    (seed, epoch, token_b, "model"): sample b's GridMask is the one it gets alone; dropout draws one mask per
+    batch tensor, so it cannot equal B separate samples' draws (the only draw that does not).
+    The photometric parameters are drawn in the loader (:class:`TrainSampleExtras`)."""
+    torch.manual_seed(stable_seed(seed, epoch, *tokens, "model"))
+    if len(tokens) == 1:
+        return None
+    return [torch.Generator().manual_seed(stable_seed(seed, epoch, t, "model")) for t in tokens]
+
+
+def photometric_params(seed: int, epoch: int, token: str, n_images: int) -> torch.Tensor:
+    """The photometric parameters (n_images, 8) of one sample, from its generator (seed, epoch, token,
+    "photometric") (pop3d.preprocess.draw_photometric_params)."""
+    from pop3d.preprocess import draw_photometric_params
+
+    return draw_photometric_params(n_images, torch.Generator().manual_seed(
+        stable_seed(seed, epoch, token, "photometric")))
+
+
+@dataclass(frozen=True)
+class TrainSampleExtras:
+    """What the training loader adds to each sample, in its workers (shards.order.PlannedSamples'
+    ``per_sample``): ``photometric`` (6, 8) when the augmentation is on, and ``n_proj`` (its projection
+    count, on the host, so the step slices per sample without reading the device)."""
+
+    seed: int
+    photometric: bool
+
+    def __call__(self, sample: dict[str, Any], tag: tuple) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_proj": int(sample["proj_point"].shape[0])}
+        if self.photometric:
+            out["photometric"] = photometric_params(self.seed, tag[0], sample["token"], sample["image"].shape[0])
+        return out
 
 
 def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generator: torch.Generator | None,
-                 train: bool = True, timer=None) -> tuple[LossTerms, dict[str, float]]:
-    """One forward of teacher and student on a device batch; returns the loss terms and timings (ms).
+                 train: bool = True, timer=None, grid_mask_generators: list[torch.Generator] | None = None
+                 ) -> tuple[LossTerms, dict[str, float]]:
+    """One forward of teacher and student on a device batch of B samples; returns the loss terms (the mean
+    of the B samples' losses) and timings (ms).
 
-    With a ``timer`` (pop3d.cuda_setup.StepTimer, CUDA events) it marks ``teacher`` and ``student_fwd`` and
-    the timings dict is empty (read the timer on log steps); without, host timers (exact on CPU only).
+    Photometric parameters: ``batch["photometric"]`` (B, 6, 8) when present (the training loader's), else
+    drawn from ``generator``. With a ``timer`` (pop3d.cuda_setup.StepTimer, CUDA events) it marks
+    ``teacher`` and ``student_fwd`` and the timings dict is empty (read the timer on log steps); without,
+    host timers (exact on CPU only).
     """
     t0 = time.perf_counter()
     targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"],
@@ -97,11 +150,17 @@ def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generato
         timer.mark("teacher")
     imgs, lidar2img, img_shape = prepare_student_inputs(
         batch["images"], batch["lidar2img"], out_hw=cfg.data.student_image_hw,
-        photometric=train and cfg.data.photometric_aug, generator=generator)
-    out = model(imgs, lidar2img, img_shape, points=None, features=feature_points(batch), voxel_features=False)
-    pred = out.logits_pts_fts[0]
-    terms = pop3d_loss(out.logits_vox, batch["occupancy"], pred, targets.to(pred.dtype),
-                       feature_weight=cfg.train.feature_loss_weight)
+        photometric=train and cfg.data.photometric_aug, generator=generator,
+        photometric_params=batch.get("photometric"))
+    counts = projection_counts(batch)
+    out = model(imgs, lidar2img, img_shape, points=None, features=feature_points(batch, counts),
+                voxel_features=False, grid_mask_generators=grid_mask_generators)
+    preds, tgts, start = [], [], 0
+    for b, n in enumerate(counts):
+        preds.append(out.logits_pts_fts[b, :n])
+        tgts.append(targets[start:start + n].to(preds[-1].dtype))
+        start += n
+    terms = pop3d_loss(out.logits_vox, batch["occupancy"], preds, tgts, feature_weight=cfg.train.feature_loss_weight)
     t2 = time.perf_counter()
     if timer is not None:
         timer.mark("student_fwd")
@@ -124,15 +183,18 @@ class TrainData:
             raise TrainSetupError(f"{d.shards}: no manifest.json with sample counts (scripts/build_shards.py "
                                   "writes it)")
         self.rank, self.world, self.accum, self.seed = rank, world, tc.grad_accum_steps, tc.seed
+        self.batch_size = tc.batch_size
+        self.slots = world * self.accum * self.batch_size  # samples per global step
         self.shuffle_block = d.shuffle_buffer
         try:
-            check_slots(len(self.urls), world * self.accum, f"{d.shards} split {d.train_split!r}")
+            check_slots(len(self.urls), self.slots, f"{d.shards} split {d.train_split!r}")
         except ValueError as exc:
             raise TrainSetupError(str(exc)) from exc
         self.n_samples = sum(self.counts.values())
-        self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], world * self.accum)
+        self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], self.slots)
         self.dataset = PlannedSamples(self.counts, grid_spec_of(cfg), with_eval_gt=False,
-                                      index=shard_index(d.shards, d.train_split))
+                                      index=shard_index(d.shards, d.train_split), batch_size=self.batch_size,
+                                      per_sample=TrainSampleExtras(tc.seed, d.photometric_aug))
         speed = cfg.speed or SpeedConfig()
         self.device = torch.device(device)
         self.prefetch = speed.prefetch  # next batch to the GPU on a side stream (pop3d.cuda_setup)
@@ -145,7 +207,8 @@ class TrainData:
 
         self.dataset.set_items(train_items(self.urls, self.counts, seed=self.seed, epoch=epoch,
                                            start_step=start_step, rank=self.rank, world=self.world,
-                                           accum=self.accum, shuffle_block=self.shuffle_block))
+                                           accum=self.accum, shuffle_block=self.shuffle_block,
+                                           batch_size=self.batch_size))
         from pop3d.cuda_setup import DevicePrefetcher
 
         it = DevicePrefetcher(self.loader, self.device, TRAIN_KEYS, enabled=self.prefetch)
@@ -181,10 +244,15 @@ def train_step(model, teacher, micro_batches: list[dict[str, Any]], cfg: RunConf
     timer = StepTimer(accelerator.device)  # no host sync here: read by step_record on log steps
     timer.start()
     for batch in micro_batches:
-        photometric = sample_generators(tc.seed, batch["order"][0], batch["tokens"][0])
+        epoch = batch["order"][0]
+        if cfg.data.photometric_aug and "photometric" not in batch:  # a batch not from TrainData's loader
+            batch = {**batch, "photometric": torch.stack([photometric_params(tc.seed, epoch, t, batch["images"].shape[1])
+                                                          for t in batch["tokens"]])}
+        grid_mask_generators = seed_sample_draws(tc.seed, epoch, batch["tokens"])
         batch = move_batch(batch, accelerator.device, TRAIN_KEYS)  # only what the step reads
         with accelerator.accumulate(model):
-            terms, _ = compute_loss(model, teacher, batch, cfg, photometric, train=True, timer=timer)
+            terms, _ = compute_loss(model, teacher, batch, cfg, None, train=True, timer=timer,
+                                    grid_mask_generators=grid_mask_generators)
             nonfinite |= ~torch.isfinite(terms.total.detach())
             accelerator.backward(terms.total)
             timer.mark("student_bwd")
@@ -327,7 +395,8 @@ def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: P
                            getattr(accelerator, "scaler", None))
     if state.get("slots") not in (None, slots):
         raise TrainSetupError(f"{ckpts[-1]}: written with a global batch of {state['slots']} (processes x "
-                         f"grad_accum_steps), this run has {slots}: set train.grad_accum_steps so that they match")
+                              f"grad_accum_steps x batch_size), this run has {slots}: set train.grad_accum_steps "
+                              "or train.batch_size so that they match")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dropped = truncate_log(log_path, state["step"])
@@ -373,7 +442,7 @@ class TrainRun:
     optimizer: Any
     scheduler: Any
     run_log: RunLog
-    slots: int  # samples per global step: processes x grad_accum_steps
+    slots: int  # samples per global step: processes x grad_accum_steps x batch_size
 
 
 def prepare_output_dir(cfg: RunConfig, accelerator, resume: bool, overwrite: bool) -> Path:
@@ -409,7 +478,7 @@ def setup_run(cfg: RunConfig, accelerator, out_dir: Path) -> TrainRun:
     scheduler = build_scheduler(optimizer, spe * tc.epochs, tc.warmup_steps, tc.warmup_lr_init, tc.lr_min)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: saved as JSON
     return TrainRun(cfg, accelerator, out_dir, data, total_steps, prompts, model, teacher, optimizer, scheduler,
-                    RunLog(out_dir, accelerator), accelerator.num_processes * tc.grad_accum_steps)
+                    RunLog(out_dir, accelerator), data.slots)
 
 
 def run_epochs(run: TrainRun, step: int, best: dict[str, Any] | None) -> int:

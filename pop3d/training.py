@@ -3,21 +3,27 @@
 Accelerate owns devices, processes, mixed precision, gradient accumulation and the TensorBoard tracker. What
 it does *not* get:
 
-- the data: ``shards/order.py`` plans which sample every (epoch, step, rank, micro-step) reads; a global
-  step reads ``world * grad_accum`` slots, so the global batch is the same on 1, 2 or N processes, and a
-  resumed run starts at the right shard and sample without decoding anything it skips;
+- the data: ``shards/order.py`` plans which samples every (epoch, step, rank, micro-step) reads; a global
+  step reads ``world * grad_accum * batch_size`` slots, so the global batch is the same for every
+  factorisation of it (processes, accumulation, batch), and a resumed run starts at the right shard and
+  sample without decoding anything it skips;
 - the random draws: photometric augmentation, GridMask and dropout draw from generators seeded by
-  (seed, epoch, sample token) before every micro-step; the student's initialisation and a random teacher are
-  seeded by the config alone. Nothing random lives in a process, so a checkpoint needs no RNG state;
+  (seed, epoch, sample token); the photometric parameters are drawn in the loader's workers
+  (:class:`TrainSampleExtras`) and only applied in the step. The student's initialisation and a random
+  teacher are seeded by the config alone. Nothing random lives in a process, so a checkpoint needs no RNG state;
 - the checkpoints: ``pop3d/run_state.py`` writes safetensors + JSON atomically and never reads a pickle;
 - the teacher: frozen, in eval mode, under ``no_grad``, never in the optimiser, never in a saved state.
 
-Per micro-step (batch size 1 per process, as the official model):
+Per micro-step (B = train.batch_size samples per process; the official model: 1):
 
-    images uint8 (1,6,3,900,1600) --teacher--> targets (M, C) at proj_rowcol of camera proj_cam
-    images --prepare_student_inputs (aug, caffe norm, pad)--> TPVFormer(points=None, features=grid_ind[proj_point])
-    loss = lovasz + CE on logits_vox vs occupancy  +  w * MSE(logits_pts_fts, targets)
+    images uint8 (B,6,3,900,1600) --teacher--> targets (M, C) at proj_rowcol of image proj_batch*6 + proj_cam
+    images --prepare_student_inputs (aug with the loader's parameters, caffe norm, pad)-->
+        TPVFormer(points=None, features=grid_ind[proj_point] per sample, padded to (B, max M_b, 3))
+    loss = mean over the B samples of [lovasz + CE on logits_vox vs occupancy + w * MSE(its M_b features)]
 
+A batch of B equals B separate samples (B accumulation micro-steps at batch 1) in the loss, its gradient and
+every random draw except dropout, which draws one mask per batch tensor (tests/test_batch_size.py checks the
+equality with dropout off). At B = 1 every number is the one of batch-1 training before batches existed.
 Logged losses are global-batch means (mean over micro-steps, then ``accelerator.reduce`` over processes).
 """
 from __future__ import annotations
@@ -35,9 +41,15 @@ import yaml
 from pop3d.config import RunConfig, config_to_dict
 from pop3d.cuda_setup import TRAIN_KEYS, SpeedConfig, StepTimer, apply_speed_settings, move_batch
 from pop3d.factory import build_student, grid_spec_of, save_student  # noqa: F401
-from pop3d.losses import LossTerms, pop3d_loss
-from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler
+from pop3d.train_batch import (  # noqa: F401 (the step's parts, importable from here too)
+    TrainSampleExtras,
+    compute_loss,
+    feature_points,
+    photometric_params,
+    projection_counts,
+    seed_sample_draws,
+)
 from shards.order import stable_seed
 
 log = logging.getLogger("pop3d.train")
@@ -63,109 +75,6 @@ def build_models(cfg: RunConfig, device: torch.device):
     torch.manual_seed(stable_seed(cfg.train.seed, "teacher-init"))
     teacher = build_teacher_from_config(cfg.teacher, device=device)
     return model, teacher
-
-
-def projection_counts(batch: dict[str, Any]) -> list[int]:
-    """Projections per sample, [M_b] * B, on the host: the loader's ``n_proj`` (training), else from the
-    shapes (B == 1), else from ``proj_batch`` (one device->host read)."""
-    b = len(batch["grid_ind"])
-    if "n_proj" in batch:
-        return [int(n) for n in batch["n_proj"]]
-    if b == 1:
-        return [int(batch["proj_point"].shape[0])]
-    return torch.bincount(batch["proj_batch"], minlength=b).tolist()
-
-
-def feature_points(batch: dict[str, Any], counts: list[int] | None = None) -> torch.Tensor:
-    """Grid coordinates of every projection, (B, max_b M_b, 3) float32: sample b's M_b projections first,
-    then zeros (padding; its outputs are never read). ``counts``: :func:`projection_counts`.
-
-    A point seen by k cameras appears k times, each paired with its own teacher target (pipeline.md §1.9).
-    """
-    counts = projection_counts(batch) if counts is None else counts
-    if len(counts) == 1:
-        return batch["grid_ind"][0][batch["proj_point"]].unsqueeze(0).float()
-    m, start, rows = max(counts), 0, []
-    for grid_ind, n in zip(batch["grid_ind"], counts):
-        f = grid_ind[batch["proj_point"][start:start + n]].float()
-        rows.append(torch.nn.functional.pad(f, (0, 0, 0, m - n)))
-        start += n
-    return torch.stack(rows)
-
-
-def seed_sample_draws(seed: int, epoch: int, tokens: list[str]) -> list[torch.Generator] | None:
-    """Seed the random draws of one micro-batch. B == 1: the global RNGs (GridMask, dropout, on every device)
-    from (seed, epoch, token, "model"), returns None. B > 1: the global RNGs (dropout) from
-    (seed, epoch, token_1, ..., token_B, "model"), and returns one CPU generator per sample seeded
-    (seed, epoch, token_b, "model"): sample b's GridMask is the one it gets alone; dropout draws one mask per
-    batch tensor, so it cannot equal B separate samples' draws (the only draw that does not).
-    The photometric parameters are drawn in the loader (:class:`TrainSampleExtras`)."""
-    torch.manual_seed(stable_seed(seed, epoch, *tokens, "model"))
-    if len(tokens) == 1:
-        return None
-    return [torch.Generator().manual_seed(stable_seed(seed, epoch, t, "model")) for t in tokens]
-
-
-def photometric_params(seed: int, epoch: int, token: str, n_images: int) -> torch.Tensor:
-    """The photometric parameters (n_images, 8) of one sample, from its generator (seed, epoch, token,
-    "photometric") (pop3d.preprocess.draw_photometric_params)."""
-    from pop3d.preprocess import draw_photometric_params
-
-    return draw_photometric_params(n_images, torch.Generator().manual_seed(
-        stable_seed(seed, epoch, token, "photometric")))
-
-
-@dataclass(frozen=True)
-class TrainSampleExtras:
-    """What the training loader adds to each sample, in its workers (shards.order.PlannedSamples'
-    ``per_sample``): ``photometric`` (6, 8) when the augmentation is on, and ``n_proj`` (its projection
-    count, on the host, so the step slices per sample without reading the device)."""
-
-    seed: int
-    photometric: bool
-
-    def __call__(self, sample: dict[str, Any], tag: tuple) -> dict[str, Any]:
-        out: dict[str, Any] = {"n_proj": int(sample["proj_point"].shape[0])}
-        if self.photometric:
-            out["photometric"] = photometric_params(self.seed, tag[0], sample["token"], sample["image"].shape[0])
-        return out
-
-
-def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generator: torch.Generator | None,
-                 train: bool = True, timer=None, grid_mask_generators: list[torch.Generator] | None = None
-                 ) -> tuple[LossTerms, dict[str, float]]:
-    """One forward of teacher and student on a device batch of B samples; returns the loss terms (the mean
-    of the B samples' losses) and timings (ms).
-
-    Photometric parameters: ``batch["photometric"]`` (B, 6, 8) when present (the training loader's), else
-    drawn from ``generator``. With a ``timer`` (pop3d.cuda_setup.StepTimer, CUDA events) it marks
-    ``teacher`` and ``student_fwd`` and the timings dict is empty (read the timer on log steps); without,
-    host timers (exact on CPU only).
-    """
-    t0 = time.perf_counter()
-    targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"],
-                      sync_free=True)
-    t1 = time.perf_counter()
-    if timer is not None:
-        timer.mark("teacher")
-    imgs, lidar2img, img_shape = prepare_student_inputs(
-        batch["images"], batch["lidar2img"], out_hw=cfg.data.student_image_hw,
-        photometric=train and cfg.data.photometric_aug, generator=generator,
-        photometric_params=batch.get("photometric"))
-    counts = projection_counts(batch)
-    out = model(imgs, lidar2img, img_shape, points=None, features=feature_points(batch, counts),
-                voxel_features=False, grid_mask_generators=grid_mask_generators)
-    preds, tgts, start = [], [], 0
-    for b, n in enumerate(counts):
-        preds.append(out.logits_pts_fts[b, :n])
-        tgts.append(targets[start:start + n].to(preds[-1].dtype))
-        start += n
-    terms = pop3d_loss(out.logits_vox, batch["occupancy"], preds, tgts, feature_weight=cfg.train.feature_loss_weight)
-    t2 = time.perf_counter()
-    if timer is not None:
-        timer.mark("student_fwd")
-        return terms, {}
-    return terms, {"teacher_ms": 1e3 * (t1 - t0), "student_fwd_ms": 1e3 * (t2 - t1)}
 
 
 # ---- data ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from benchmarks._synthetic_batch import make_batch, merge_batches
 from pop3d.config import ConfigError, load_config
@@ -175,7 +174,7 @@ def test_gradients_of_a_b2_step_equal_the_mean_of_two_b1_steps(tmp_path):
     singles = [_grads(model, teacher, p, cfg) for p in parts]
     assert loss2 == pytest.approx(np.mean([s[0] for s in singles]), rel=1e-5)
     assert g2.keys() == singles[0][1].keys() and len(g2) > 50
-    flat = lambda gs: torch.cat([gs[k].flatten() for k in sorted(g2)])  # noqa: E731
+    flat = lambda gs: torch.cat([gs[k].flatten() for k in sorted(g2)])
     ref, got = (flat(singles[0][1]) + flat(singles[1][1])) / 2, flat(g2)
     assert float((got - ref).norm()) <= 1e-4 * float(ref.norm())
     for k in g2:  # per parameter too, against its own scale
@@ -189,9 +188,9 @@ def _old_photometric(img: torch.Tensor, generator: torch.Generator) -> torch.Ten
     from pop3d.preprocess import bgr_to_hsv, hsv_to_bgr
 
     n = img.shape[0]
-    coin = lambda: torch.rand(n, generator=generator) < 0.5  # noqa: E731
-    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
-    v = lambda x: x.view(n, 1, 1, 1)  # noqa: E731
+    coin = lambda: torch.rand(n, generator=generator) < 0.5
+    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
+    v = lambda x: x.view(n, 1, 1, 1)
     img = img + v(torch.where(coin(), uniform(-32, 32), torch.zeros(())))
     contrast_first = coin()
     do_contrast, alpha = coin(), uniform(0.5, 1.5)

@@ -60,8 +60,8 @@ def _loader_batch(cfg, seeds):
 def test_training_step_forces_at_most_four_syncs(tmp_path, batch_size):
     from accelerate import Accelerator
 
-    from pop3d.schedule import build_optimizer
     from pop3d.factory import build_student
+    from pop3d.schedule import build_optimizer
     from teacher.live import build_teacher_from_config
 
     torch.manual_seed(0)

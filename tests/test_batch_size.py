@@ -340,3 +340,41 @@ def test_cli_batch_size_zero_is_one_line_exit_2():
     assert proc.returncode == 2
     assert "train.batch_size" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_b2_resume_is_exact_and_another_global_batch_is_refused(shard_root, tmp_path):
+    """Batch 2: a run stopped at step 2 and resumed logs the uninterrupted run's losses bit for bit and ends
+    with its weights; resuming it with batch 1 (another global batch) is refused, with batch 1 x accum 2
+    (the same global batch) it continues."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pop3d import training
+
+    def cfg(out, *sets):
+        return load_config(ROOT / "configs" / "tiny.yaml", [
+            f"data.shards={shard_root}", f"train.output_dir={out}", "data.num_workers=0", "train.epochs=2",
+            "train.val_every_epochs=0", "train.tensorboard=false", "train.log_every=1", "train.warmup_steps=1",
+            "train.save_every=100", *sets])
+
+    def losses(out):
+        return [{k: r[k] for k in ("step", "total", "lovasz", "ce", "feature", "grad_norm")}
+                for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    training.train(cfg(full, "train.batch_size=2"))
+    training.train(cfg(part, "train.batch_size=2", "train.max_steps=2"))
+    again = tmp_path / "again"
+    shutil.copytree(part, again)
+    with pytest.raises(training.TrainSetupError, match="global batch of 2 .* this run has 1"):
+        training.train(cfg(part, "train.batch_size=1"), resume=True)
+    training.train(cfg(part, "train.batch_size=2"), resume=True)
+    assert [r["step"] for r in losses(full)] == [1, 2, 3, 4]
+    assert losses(part) == losses(full)  # bit-identical, dropout and GridMask on
+    wa, wb = load_file(str(full / "student.safetensors")), load_file(str(part / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    training.train(cfg(again, "train.grad_accum_steps=2"), resume=True)  # same global batch: accepted
+    assert [r["step"] for r in losses(again)] == [1, 2, 3, 4]

@@ -2,6 +2,8 @@
 MSE between the student's point features and the live teacher's targets.
 
     total = lovasz(softmax(logits_vox), occupancy) + CE(logits_vox, occupancy) + w * MSE(pred_fts, teacher_fts)
+
+each term per sample, then averaged over the B samples of a batch (at B = 1 the official loss itself).
 """
 from __future__ import annotations
 

@@ -195,6 +195,7 @@ class PlannedSamples(IterableDataset):
     micro-batches round robin (see the module doc)."""
 
     max_open = 4
+    """Open shards kept per worker (at least 2 per slot of a batch: block shuffling alternates two shards)."""
 
     def __init__(self, counts: dict[str, int], grid, with_eval_gt: bool,
                  index: dict[str, list[tuple[str, str]]] | None = None, batch_size: int = 1,
@@ -207,6 +208,7 @@ class PlannedSamples(IterableDataset):
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.counts, self.grid, self.with_eval_gt, self.index = counts, grid, with_eval_gt, index or {}
         self.batch_size, self.per_sample = batch_size, per_sample
+        self.max_open = max(type(self).max_open, 2 * batch_size)
         self.groups: list[list[Item]] = []
 
     def set_items(self, items: list[Item]) -> None:

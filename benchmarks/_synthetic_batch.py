@@ -51,3 +51,22 @@ def make_batch(cfg, seed: int = 0, h: int = 90, w: int = 160, n_points: int = 40
             "grid_ind": [grid_ind], "proj_batch": torch.zeros_like(proj_cam), "proj_cam": proj_cam,
             "proj_point": proj_point, "proj_rowcol": rowcol, "occupancy": occ, "labels": None,
             "labels_raw": None, "voxel_label": None, "eval_gt": None}
+
+
+def merge_batches(batches: list[dict]) -> dict:
+    """Single-sample batches of :func:`make_batch` -> one batch of B samples, laid out as the loader's collate
+    does (stacked tensors, per-sample lists, projections concatenated with their sample index), with the
+    training loader's ``n_proj`` and, where every part has one, ``photometric`` (B, 6, 8)."""
+    out = {"tokens": [t for b in batches for t in b["tokens"]], "img_hw": batches[0]["img_hw"],
+           "labels": None, "labels_raw": None, "voxel_label": None, "eval_gt": None}
+    for key in ("images", "lidar2img", "occupancy"):
+        out[key] = torch.cat([b[key] for b in batches])
+    for key in ("points", "grid_ind"):
+        out[key] = [x for b in batches for x in b[key]]
+    for key in ("proj_cam", "proj_point", "proj_rowcol"):
+        out[key] = torch.cat([b[key] for b in batches])
+    out["proj_batch"] = torch.cat([torch.full_like(b["proj_cam"], i) for i, b in enumerate(batches)])
+    out["n_proj"] = [int(b["proj_cam"].shape[0]) for b in batches]
+    if all("photometric" in b for b in batches):
+        out["photometric"] = torch.cat([b["photometric"] for b in batches])
+    return out

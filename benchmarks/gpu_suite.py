@@ -15,7 +15,8 @@ recording its error, and the next one runs):
 * ``student``: paper-config TPVFormer forward+backward under bf16 autocast, ms and peak memory per
   deformable-attention backend available (pytorch; triton when present);
 * ``train_step``: the full step (live teacher, student, losses, backward, clipping, AdamW) and the
-  teacher's share, with the speed switches of configs/pop3d_12ep.yaml;
+  teacher's share, with the speed switches of configs/pop3d_12ep.yaml; ``--batch-size B`` (default 1)
+  steps on B samples (also in ``sync_debug``) and reports samples/s;
 * ``loader``: val loader samples/s per worker count, with and without eval GT, on synthetic shards;
 * ``inference``: evaluation-style prediction (features at every LiDAR point, voxel features) samples/s,
   fp32 vs bf16;
@@ -92,13 +93,20 @@ def _cfg(sz: dict, tmp: str):
     return load_config(ROOT / "configs" / "pop3d_12ep.yaml", sets)
 
 
-def _batch(cfg, sz: dict, device, seed: int = 0) -> dict:
-    from benchmarks._synthetic_batch import make_batch  # a loader-shaped batch with real projections
+def _batch(cfg, sz: dict, device, seed: int = 0, batch_size: int = 1) -> dict:
+    """A loader-shaped batch of ``batch_size`` samples with real projections, each with its photometric
+    parameters drawn as the training loader draws them, moved to ``device`` as training moves it."""
+    from benchmarks._synthetic_batch import make_batch, merge_batches
+    from pop3d.cuda_setup import TRAIN_KEYS, move_batch
+    from pop3d.training import photometric_params
 
     h, w = sz["img_hw"]
-    b = make_batch(cfg, seed=seed, h=h, w=w, n_points=sz["points"])
-    from pop3d.cuda_setup import TRAIN_KEYS, move_batch
-    return move_batch(b, device, TRAIN_KEYS)
+    parts = []
+    for k in range(batch_size):
+        b = make_batch(cfg, seed=seed + 1000 * k, h=h, w=w, n_points=sz["points"])
+        b["photometric"] = photometric_params(cfg.train.seed, 0, b["tokens"][0], 6)[None]
+        parts.append(b)
+    return move_batch(merge_batches(parts), device, TRAIN_KEYS)
 
 
 def triton_usable(device) -> tuple[bool, str]:
@@ -214,8 +222,9 @@ def sec_student(ctx) -> dict:
 
 
 def _train_parts(ctx):
-    """Everything a training step needs: student, live teacher, optimiser, one device batch, the photometric
-    generator."""
+    """Everything a training step needs: student, live teacher, optimiser, one device batch of
+    ``ctx["batch_size"]`` samples (photometric parameters in it, as the loader delivers them), a generator
+    (unused when the batch carries the parameters)."""
     import torch
 
     from pop3d.schedule import build_optimizer
@@ -226,17 +235,20 @@ def _train_parts(ctx):
     model = _student(ctx)
     teacher = build_teacher_from_config(cfg.teacher, dev)
     optimizer = build_optimizer(model, 1e-4)
-    return model, teacher, optimizer, _batch(cfg, sz, dev), torch.Generator().manual_seed(0)
+    return (model, teacher, optimizer, _batch(cfg, sz, dev, batch_size=ctx.get("batch_size", 1)),
+            torch.Generator().manual_seed(0))
 
 
 def _one_step(model, teacher, optimizer, batch, cfg, generator, timer=None):
     import torch
 
-    from pop3d.training import compute_loss
+    from pop3d.training import compute_loss, seed_sample_draws
 
     dev = batch["images"].device
+    gens = seed_sample_draws(cfg.train.seed, 0, batch["tokens"])  # per-sample GridMask draws (B > 1)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        terms, _ = compute_loss(model, teacher, batch, cfg, generator, train=True, timer=timer)
+        terms, _ = compute_loss(model, teacher, batch, cfg, generator, train=True, timer=timer,
+                                grid_mask_generators=gens)
     terms.total.backward()
     if timer is not None:
         timer.mark("student_bwd")
@@ -261,8 +273,9 @@ def sec_train_step(ctx) -> dict:
         _one_step(model, teacher, optimizer, batch, cfg, gen, timer)
         for k, v in timer.read().items():
             parts[k] = parts.get(k, 0.0) + v / sz["iters"]
+    b = len(batch["tokens"])
     res.update(parts=parts, teacher_share=parts.get("teacher_ms", 0.0) / max(sum(parts.values()), 1e-9),
-               photometric_aug=cfg.data.photometric_aug)
+               photometric_aug=cfg.data.photometric_aug, batch_size=b, samples_per_s=1e3 * b / res["ms"])
     return res
 
 
@@ -423,7 +436,9 @@ def table(sections: dict) -> list[str]:
             for b in ("pytorch", "triton"):
                 lines.append(f"| student fwd+bwd [{b}] | {_fmt(res.get(b))} | |")
         elif name == "train_step":
-            lines.append(f"| train_step | {_fmt(res)}, teacher share {res['teacher_share']:.0%} | {tgt} |")
+            b = res.get("batch_size", 1)
+            lines.append(f"| train_step | B={b}: {_fmt(res)}, {res.get('samples_per_s', 0.0):.2f} samples/s, "
+                         f"teacher share {res['teacher_share']:.0%} | {tgt if b == 1 else '(target at B=1)'} |")
             parts = ", ".join(f"{k} {v:.1f}" for k, v in res["parts"].items())
             lines.append(f"| train_step parts | {parts} | |")
         elif name == "loader":
@@ -445,7 +460,7 @@ def table(sections: dict) -> list[str]:
             for k, v in res.items():
                 if not isinstance(v, dict):
                     continue
-                note = ", incl. the photometric parameters drawn on the host" if k.endswith("True") else ""
+                note = ", photometric parameters from the loader" if k.endswith("True") else ""
                 lines.append(f"| sync_debug {k} | {v['syncs']} ({v['mode']}{note}) | {tgt} |")
     return lines
 
@@ -457,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "never installed")
     ap.add_argument("--dry-run", action="store_true", help="every section at tiny sizes on the CPU")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="samples per step in the train_step and sync_debug sections (default 1, the paper's)")
     ap.add_argument("--budget-s", type=float, default=450.0,
                     help="start no new section after this many seconds (the rest are recorded as skipped)")
     a = ap.parse_args(argv)
@@ -464,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         print(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}", file=sys.stderr)
+        return 2
+    if a.batch_size < 1:
+        print(f"--batch-size: must be >= 1, got {a.batch_size}", file=sys.stderr)
         return 2
     if a.wheels and not os.path.isdir(a.wheels):
         print(f"--wheels {a.wheels}: no such folder", file=sys.stderr)
@@ -487,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] skipped (time budget)", flush=True)
             continue
         ctx = {"cfg": _cfg(sz, tmp.name), "sz": sz, "device": dev, "tmp": os.path.join(tmp.name, name),
-               "dry": a.dry_run}
+               "dry": a.dry_run, "batch_size": a.batch_size}
         os.makedirs(ctx["tmp"], exist_ok=True)
         try:
             results[name] = SECTIONS[name](ctx)

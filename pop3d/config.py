@@ -79,7 +79,8 @@ class TrainConfig:
     lr_min: float = 1e-6
     feature_loss_weight: float = 1.0
     batch_size: int = 1
-    """Samples per process per step. The official model assumes 1 (student.md §6)."""
+    """Samples per process per micro-step (the official run: 1, student.md §6). A global step reads
+    processes x grad_accum_steps x batch_size samples; the loss is the mean of the samples' losses."""
     grad_accum_steps: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
@@ -105,9 +106,6 @@ class TrainConfig:
             _check_int(self, name, lo=0)
         if self.max_steps is not None:
             _check_int(self, "max_steps", lo=1)
-        if self.batch_size != 1:
-            raise ValueError("batch_size: must be 1 per process (the official TPVFormer head assumes B=1; use "
-                             "more processes or grad_accum_steps for a larger effective batch)")
         if self.seed >= 2 ** 63:
             raise ValueError(f"seed: must be < 2**63, got {self.seed}")
         for name in ("lr", "warmup_lr_init", "lr_min", "grad_max_norm"):

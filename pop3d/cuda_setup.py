@@ -24,7 +24,7 @@ from pop3d.factory import batch_to_device
 
 # The batch entries the training step reads (pop3d/training.py): the rest never leave the host.
 TRAIN_KEYS = ("images", "lidar2img", "proj_batch", "proj_cam", "proj_rowcol", "proj_point", "grid_ind",
-              "occupancy")
+              "occupancy", "photometric")
 # What evaluation reads on the device (pop3d/evaluate.py); the GT stays on the host.
 EVAL_KEYS = ("images", "lidar2img", "grid_ind")
 

@@ -2,6 +2,8 @@
 MSE between the student's point features and the live teacher's targets.
 
     total = lovasz(softmax(logits_vox), occupancy) + CE(logits_vox, occupancy) + w * MSE(pred_fts, teacher_fts)
+
+each term per sample, then averaged over the B samples of a batch (at B = 1 the official loss itself).
 """
 from __future__ import annotations
 
@@ -90,26 +92,59 @@ class LossTerms:
         return dict(zip(names, values))
 
 
-def pop3d_loss(logits_vox: torch.Tensor, occupancy: torch.Tensor, point_features: torch.Tensor | None,
-               teacher_features: torch.Tensor | None, feature_weight: float = 1.0) -> LossTerms:
-    """The official training loss.
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of per-sample scalars (a batch of one: the value itself, bit for bit)."""
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
+def pop3d_loss(logits_vox: torch.Tensor, occupancy: torch.Tensor,
+               point_features: torch.Tensor | list[torch.Tensor] | None,
+               teacher_features: torch.Tensor | list[torch.Tensor] | None, feature_weight: float = 1.0) -> LossTerms:
+    """The official training loss, per sample, averaged over the B samples of the batch.
 
     logits_vox: (B, 2, X, Y, Z); occupancy: (B, X, Y, Z) int (0 empty, 1 occupied, 255 ignored);
-    point_features: (M, C) student features at the projected points (duplicates for multi-camera points);
-    teacher_features: (M, C) raw teacher targets. The MSE averages over all M x C elements; with M == 0 it is 0.
+    point_features: lists of B tensors (M_b, C), the student features at sample b's projected points
+    (duplicates for multi-camera points), or one (M, C) tensor when B == 1; teacher_features: the same
+    shapes, raw teacher targets. Per sample: Lovasz over its voxels, CE averaged over its non-ignored
+    voxels, MSE over its M_b x C elements (0 with M_b == 0); each term is then the mean over samples, so a
+    batch of B gives the loss (and gradient) of the mean of B separate samples, as B accumulation
+    micro-steps at batch 1 do.
     """
     if logits_vox.shape[0] != occupancy.shape[0] or logits_vox.shape[2:] != occupancy.shape[1:]:
         raise ValueError(f"voxel logits {tuple(logits_vox.shape)} and occupancy target {tuple(occupancy.shape)} "
                          f"disagree: the loader's grid must be the model's (tpv_w, tpv_h, tpv_z)")
+    b = logits_vox.shape[0]
+    pred, target = _per_sample(point_features, b, "point_features"), _per_sample(teacher_features, b,
+                                                                                 "teacher_features")
     labels = occupancy.long()
-    lov = lovasz_softmax(logits_vox, labels)
-    ce = F.cross_entropy(logits_vox.float(), labels, ignore_index=IGNORE_INDEX)
-    if point_features is None or teacher_features is None or point_features.numel() == 0:
-        feat = logits_vox.sum() * 0.0
-    else:
-        if point_features.shape != teacher_features.shape:
-            raise ValueError(f"student features {tuple(point_features.shape)} and teacher targets "
-                             f"{tuple(teacher_features.shape)} differ in shape")
-        feat = F.mse_loss(point_features.float(), teacher_features.float())
-    total = lov + ce + feature_weight * feat
-    return LossTerms(total=total, lovasz=lov, ce=ce, feature=feat)
+    lov, ce, feat = [], [], []
+    for i in range(b):
+        logits_i, labels_i = logits_vox[i:i + 1], labels[i:i + 1]
+        lov.append(lovasz_softmax(logits_i, labels_i))
+        ce.append(F.cross_entropy(logits_i.float(), labels_i, ignore_index=IGNORE_INDEX))
+        feat.append(_feature_loss(logits_vox, pred[i], target[i]))
+    lov_m, ce_m, feat_m = _mean(lov), _mean(ce), _mean(feat)
+    total = lov_m + ce_m + feature_weight * feat_m
+    return LossTerms(total=total, lovasz=lov_m, ce=ce_m, feature=feat_m)
+
+
+def _per_sample(features: torch.Tensor | list[torch.Tensor] | None, b: int, name: str) -> list:
+    if features is None:
+        return [None] * b
+    if isinstance(features, torch.Tensor):
+        if b != 1:
+            raise ValueError(f"{name}: one (M, C) tensor is a batch of one sample; give a list of {b} tensors")
+        return [features]
+    if len(features) != b:
+        raise ValueError(f"{name}: {len(features)} tensors for a batch of {b} samples")
+    return list(features)
+
+
+def _feature_loss(logits_vox: torch.Tensor, pred: torch.Tensor | None, target: torch.Tensor | None) -> torch.Tensor:
+    """MSE of one sample's point features (M, C) against its teacher targets; 0 without points."""
+    if pred is None or target is None or pred.numel() == 0:
+        return logits_vox.sum() * 0.0
+    if pred.shape != target.shape:
+        raise ValueError(f"student features {tuple(pred.shape)} and teacher targets {tuple(target.shape)} "
+                         "differ in shape")
+    return F.mse_loss(pred.float(), target.float())

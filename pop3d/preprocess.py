@@ -50,43 +50,77 @@ def hsv_to_bgr(hsv: torch.Tensor) -> torch.Tensor:
     return out.movedim(0, -3)
 
 
-def photometric_distortion(img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """mmdet's PhotoMetricDistortion applied independently to each image (pipeline.md §1.3).
+PHOTOMETRIC_FIELDS = ("brightness", "contrast_first", "alpha", "saturation", "hue", "perm0", "perm1", "perm2")
+"""Columns of the photometric parameter tensor (n, 8): brightness delta (0 when that step does not fire),
+contrast before the HSV block (1) or after it (0), contrast factor (1 when off), saturation factor (1 when off),
+hue shift in degrees (0 when off), and the channel permutation (identity when off)."""
 
-    img: (N, 3, H, W) float BGR in 0..255 -> same shape; values are not clipped, as the original.
-    Each step fires with probability 0.5: brightness +-32, contrast x[0.5, 1.5] (before or after the HSV block),
-    saturation x[0.5, 1.5], hue +-18 degrees with wrap-around, and a random channel permutation.
-    """
-    n = img.shape[0]
-    dev = img.device
+
+def draw_photometric_params(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw mmdet's PhotoMetricDistortion parameters of ``n`` images on the host: (n, 8) float32
+    (columns :data:`PHOTOMETRIC_FIELDS`). The draws come from ``generator`` in the order the original
+    draws them per image (each step's coin, then its value), vectorised over the n images."""
 
     def coin() -> torch.Tensor:
-        return (torch.rand(n, generator=generator) < 0.5).to(dev)
+        return torch.rand(n, generator=generator) < 0.5
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(dev, img.dtype)
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    zero, one = torch.zeros(()), torch.ones(())
+    brightness = torch.where(coin(), uniform(-32, 32), zero)
+    contrast_first = coin()
+    do_contrast, alpha = coin(), uniform(0.5, 1.5)
+    alpha = torch.where(do_contrast, alpha, one)
+    saturation = torch.where(coin(), uniform(0.5, 1.5), one)
+    hue = torch.where(coin(), uniform(-18, 18), zero)
+    swap = coin()
+    perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(n)])
+    perms = torch.where(swap.view(n, 1), perms, torch.arange(3).expand(n, 3))
+    return torch.cat([torch.stack([brightness, contrast_first.float(), alpha, saturation, hue], 1),
+                      perms.float()], 1)
+
+
+def apply_photometric(img: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply drawn photometric parameters, on the images' device without host reads.
+
+    img: (N, 3, H, W) float BGR in 0..255; params: (N, 8) (:func:`draw_photometric_params`, any device)
+    -> (N, 3, H, W); values are not clipped, as the original.
+    """
+    n = img.shape[0]
+    if tuple(params.shape) != (n, len(PHOTOMETRIC_FIELDS)):
+        raise ValueError(f"photometric parameters {tuple(params.shape)} for {n} images: expected "
+                         f"({n}, {len(PHOTOMETRIC_FIELDS)})")
+    p = params.to(img.device)
+    brightness, alpha, sat, hue = (p[:, k].to(img.dtype) for k in (0, 2, 3, 4))
+    contrast_first = p[:, 1] > 0.5
+    one = torch.ones((), device=img.device)
 
     def per_image(x: torch.Tensor) -> torch.Tensor:
         return x.view(n, 1, 1, 1)
 
-    img = img + per_image(torch.where(coin(), uniform(-32, 32), torch.zeros((), device=dev)))
-    contrast_first = coin()
-    do_contrast, alpha = coin(), uniform(0.5, 1.5)
-    alpha = torch.where(do_contrast, alpha, torch.ones((), device=dev))
-    img = img * per_image(torch.where(contrast_first, alpha, torch.ones((), device=dev)))
+    img = img + per_image(brightness)
+    img = img * per_image(torch.where(contrast_first, alpha, one))
     hsv = bgr_to_hsv(img)
-    sat = torch.where(coin(), uniform(0.5, 1.5), torch.ones((), device=dev))
-    hue = torch.where(coin(), uniform(-18, 18), torch.zeros((), device=dev))
     h = hsv[:, 0] + hue.view(n, 1, 1)
     h = torch.where(h > 360, h - 360, h)
     h = torch.where(h < 0, h + 360, h)
     hsv = torch.stack([h, hsv[:, 1] * sat.view(n, 1, 1), hsv[:, 2]], dim=1)
     img = hsv_to_bgr(hsv)
-    img = img * per_image(torch.where(contrast_first, torch.ones((), device=dev), alpha))
-    swap = coin()
-    perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(n)]).to(dev)
-    perms = torch.where(swap.view(n, 1), perms, torch.arange(3, device=dev).expand(n, 3))
+    img = img * per_image(torch.where(contrast_first, one, alpha))
+    perms = p[:, 5:8].long()
     return torch.gather(img, 1, perms.view(n, 3, 1, 1).expand_as(img))
+
+
+def photometric_distortion(img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """mmdet's PhotoMetricDistortion applied independently to each image (pipeline.md §1.3): the draws of
+    :func:`draw_photometric_params` from ``generator``, then :func:`apply_photometric`.
+
+    img: (N, 3, H, W) float BGR in 0..255 -> same shape; values are not clipped, as the original.
+    Each step fires with probability 0.5: brightness +-32, contrast x[0.5, 1.5] (before or after the HSV block),
+    saturation x[0.5, 1.5], hue +-18 degrees with wrap-around, and a random channel permutation.
+    """
+    return apply_photometric(img, draw_photometric_params(img.shape[0], generator))
 
 
 def scale_lidar2img(lidar2img: torch.Tensor, scale_hw: tuple[float, float]) -> torch.Tensor:
@@ -101,11 +135,14 @@ def scale_lidar2img(lidar2img: torch.Tensor, scale_hw: tuple[float, float]) -> t
 
 def prepare_student_inputs(images: torch.Tensor, lidar2img: torch.Tensor, *, out_hw: tuple[int, int] | None = None,
                            photometric: bool = False, pad_divisor: int = 32,
-                           generator: torch.Generator | None = None
+                           generator: torch.Generator | None = None,
+                           photometric_params: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """uint8 RGB images -> normalised, padded BGR float input for TPVFormer.
 
     images: (B, 6, 3, H, W) uint8 RGB; lidar2img: (B, 6, 4, 4) for the original H x W.
+    ``photometric``: apply the distortion, with ``photometric_params`` (B, 6, 8) drawn beforehand (the
+    training loader does: :func:`draw_photometric_params`) or, without them, drawn here from ``generator``.
     Returns (imgs (B, 6, 3, Hp, Wp) float32, lidar2img (B, 6, 4, 4) float32 for the (resized) image,
     img_shape (Hp, Wp)): the padded size, which the official model normalises projections by.
     """
@@ -118,7 +155,9 @@ def prepare_student_inputs(images: torch.Tensor, lidar2img: torch.Tensor, *, out
         x = F.interpolate(x, size=tuple(out_hw), mode="bilinear", align_corners=False, antialias=True)
         l2i = scale_lidar2img(l2i, (out_hw[0] / h, out_hw[1] / w))
         h, w = out_hw
-    if photometric:
+    if photometric and photometric_params is not None:
+        x = apply_photometric(x, photometric_params.reshape(b * n, -1))
+    elif photometric:
         x = photometric_distortion(x, generator)
     x = x - device_constant(CAFFE_MEAN_BGR, x.device).view(1, 3, 1, 1)
     hp = -(-h // pad_divisor) * pad_divisor

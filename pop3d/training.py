@@ -3,21 +3,27 @@
 Accelerate owns devices, processes, mixed precision, gradient accumulation and the TensorBoard tracker. What
 it does *not* get:
 
-- the data: ``shards/order.py`` plans which sample every (epoch, step, rank, micro-step) reads; a global
-  step reads ``world * grad_accum`` slots, so the global batch is the same on 1, 2 or N processes, and a
-  resumed run starts at the right shard and sample without decoding anything it skips;
+- the data: ``shards/order.py`` plans which samples every (epoch, step, rank, micro-step) reads; a global
+  step reads ``world * grad_accum * batch_size`` slots, so the global batch is the same for every
+  factorisation of it (processes, accumulation, batch), and a resumed run starts at the right shard and
+  sample without decoding anything it skips;
 - the random draws: photometric augmentation, GridMask and dropout draw from generators seeded by
-  (seed, epoch, sample token) before every micro-step; the student's initialisation and a random teacher are
-  seeded by the config alone. Nothing random lives in a process, so a checkpoint needs no RNG state;
+  (seed, epoch, sample token); the photometric parameters are drawn in the loader's workers
+  (:class:`TrainSampleExtras`) and only applied in the step. The student's initialisation and a random
+  teacher are seeded by the config alone. Nothing random lives in a process, so a checkpoint needs no RNG state;
 - the checkpoints: ``pop3d/run_state.py`` writes safetensors + JSON atomically and never reads a pickle;
 - the teacher: frozen, in eval mode, under ``no_grad``, never in the optimiser, never in a saved state.
 
-Per micro-step (batch size 1 per process, as the official model):
+Per micro-step (B = train.batch_size samples per process; the official model: 1):
 
-    images uint8 (1,6,3,900,1600) --teacher--> targets (M, C) at proj_rowcol of camera proj_cam
-    images --prepare_student_inputs (aug, caffe norm, pad)--> TPVFormer(points=None, features=grid_ind[proj_point])
-    loss = lovasz + CE on logits_vox vs occupancy  +  w * MSE(logits_pts_fts, targets)
+    images uint8 (B,6,3,900,1600) --teacher--> targets (M, C) at proj_rowcol of image proj_batch*6 + proj_cam
+    images --prepare_student_inputs (aug with the loader's parameters, caffe norm, pad)-->
+        TPVFormer(points=None, features=grid_ind[proj_point] per sample, padded to (B, max M_b, 3))
+    loss = mean over the B samples of [lovasz + CE on logits_vox vs occupancy + w * MSE(its M_b features)]
 
+A batch of B equals B separate samples (B accumulation micro-steps at batch 1) in the loss, its gradient and
+every random draw except dropout, which draws one mask per batch tensor (tests/test_batch_size.py checks the
+equality with dropout off). At B = 1 every number is the one of batch-1 training before batches existed.
 Logged losses are global-batch means (mean over micro-steps, then ``accelerator.reduce`` over processes).
 """
 from __future__ import annotations
@@ -35,9 +41,15 @@ import yaml
 from pop3d.config import RunConfig, config_to_dict
 from pop3d.cuda_setup import TRAIN_KEYS, SpeedConfig, StepTimer, apply_speed_settings, move_batch
 from pop3d.factory import build_student, grid_spec_of, save_student  # noqa: F401
-from pop3d.losses import LossTerms, pop3d_loss
-from pop3d.preprocess import prepare_student_inputs
 from pop3d.schedule import build_optimizer, build_scheduler
+from pop3d.train_batch import (  # noqa: F401 (the step's parts, importable from here too)
+    TrainSampleExtras,
+    compute_loss,
+    feature_points,
+    photometric_params,
+    projection_counts,
+    seed_sample_draws,
+)
 from shards.order import stable_seed
 
 log = logging.getLogger("pop3d.train")
@@ -65,50 +77,6 @@ def build_models(cfg: RunConfig, device: torch.device):
     return model, teacher
 
 
-def feature_points(batch: dict[str, Any]) -> torch.Tensor:
-    """Grid coordinates of every projection, for batch size 1: (1, M, 3) float32.
-
-    A point seen by k cameras appears k times, each paired with its own teacher target (pipeline.md §1.9).
-    """
-    if len(batch["grid_ind"]) != 1:
-        raise ValueError("the training step expects batch size 1 per process")
-    return batch["grid_ind"][0][batch["proj_point"]].unsqueeze(0).float()
-
-
-def sample_generators(seed: int, epoch: int, token: str) -> torch.Generator:
-    """Seed the random draws of one sample: the global RNGs (GridMask, dropout, on every device) from
-    (seed, epoch, token, "model"); returns the CPU generator of its photometric augmentation."""
-    torch.manual_seed(stable_seed(seed, epoch, token, "model"))
-    return torch.Generator().manual_seed(stable_seed(seed, epoch, token, "photometric"))
-
-
-def compute_loss(model, teacher, batch: dict[str, Any], cfg: RunConfig, generator: torch.Generator | None,
-                 train: bool = True, timer=None) -> tuple[LossTerms, dict[str, float]]:
-    """One forward of teacher and student on a device batch; returns the loss terms and timings (ms).
-
-    With a ``timer`` (pop3d.cuda_setup.StepTimer, CUDA events) it marks ``teacher`` and ``student_fwd`` and
-    the timings dict is empty (read the timer on log steps); without, host timers (exact on CPU only).
-    """
-    t0 = time.perf_counter()
-    targets = teacher(batch["images"], batch["proj_batch"], batch["proj_cam"], batch["proj_rowcol"],
-                      sync_free=True)
-    t1 = time.perf_counter()
-    if timer is not None:
-        timer.mark("teacher")
-    imgs, lidar2img, img_shape = prepare_student_inputs(
-        batch["images"], batch["lidar2img"], out_hw=cfg.data.student_image_hw,
-        photometric=train and cfg.data.photometric_aug, generator=generator)
-    out = model(imgs, lidar2img, img_shape, points=None, features=feature_points(batch), voxel_features=False)
-    pred = out.logits_pts_fts[0]
-    terms = pop3d_loss(out.logits_vox, batch["occupancy"], pred, targets.to(pred.dtype),
-                       feature_weight=cfg.train.feature_loss_weight)
-    t2 = time.perf_counter()
-    if timer is not None:
-        timer.mark("student_fwd")
-        return terms, {}
-    return terms, {"teacher_ms": 1e3 * (t1 - t0), "student_fwd_ms": 1e3 * (t2 - t1)}
-
-
 # ---- data ---------------------------------------------------------------------------------------------------
 class TrainData:
     """The planned training stream of this rank (see shards/order.py)."""
@@ -124,15 +92,18 @@ class TrainData:
             raise TrainSetupError(f"{d.shards}: no manifest.json with sample counts (scripts/build_shards.py "
                                   "writes it)")
         self.rank, self.world, self.accum, self.seed = rank, world, tc.grad_accum_steps, tc.seed
+        self.batch_size = tc.batch_size
+        self.slots = world * self.accum * self.batch_size  # samples per global step
         self.shuffle_block = d.shuffle_buffer
         try:
-            check_slots(len(self.urls), world * self.accum, f"{d.shards} split {d.train_split!r}")
+            check_slots(len(self.urls), self.slots, f"{d.shards} split {d.train_split!r}")
         except ValueError as exc:
             raise TrainSetupError(str(exc)) from exc
         self.n_samples = sum(self.counts.values())
-        self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], world * self.accum)
+        self.steps_per_epoch = steps_per_epoch([self.counts[u] for u in self.urls], self.slots)
         self.dataset = PlannedSamples(self.counts, grid_spec_of(cfg), with_eval_gt=False,
-                                      index=shard_index(d.shards, d.train_split))
+                                      index=shard_index(d.shards, d.train_split), batch_size=self.batch_size,
+                                      per_sample=TrainSampleExtras(tc.seed, d.photometric_aug))
         speed = cfg.speed or SpeedConfig()
         self.device = torch.device(device)
         self.prefetch = speed.prefetch  # next batch to the GPU on a side stream (pop3d.cuda_setup)
@@ -145,7 +116,8 @@ class TrainData:
 
         self.dataset.set_items(train_items(self.urls, self.counts, seed=self.seed, epoch=epoch,
                                            start_step=start_step, rank=self.rank, world=self.world,
-                                           accum=self.accum, shuffle_block=self.shuffle_block))
+                                           accum=self.accum, shuffle_block=self.shuffle_block,
+                                           batch_size=self.batch_size))
         from pop3d.cuda_setup import DevicePrefetcher
 
         it = DevicePrefetcher(self.loader, self.device, TRAIN_KEYS, enabled=self.prefetch)
@@ -181,10 +153,15 @@ def train_step(model, teacher, micro_batches: list[dict[str, Any]], cfg: RunConf
     timer = StepTimer(accelerator.device)  # no host sync here: read by step_record on log steps
     timer.start()
     for batch in micro_batches:
-        photometric = sample_generators(tc.seed, batch["order"][0], batch["tokens"][0])
+        epoch = batch["order"][0]
+        if cfg.data.photometric_aug and "photometric" not in batch:  # a batch not from TrainData's loader
+            batch = {**batch, "photometric": torch.stack([photometric_params(tc.seed, epoch, t, batch["images"].shape[1])
+                                                          for t in batch["tokens"]])}
+        grid_mask_generators = seed_sample_draws(tc.seed, epoch, batch["tokens"])
         batch = move_batch(batch, accelerator.device, TRAIN_KEYS)  # only what the step reads
         with accelerator.accumulate(model):
-            terms, _ = compute_loss(model, teacher, batch, cfg, photometric, train=True, timer=timer)
+            terms, _ = compute_loss(model, teacher, batch, cfg, None, train=True, timer=timer,
+                                    grid_mask_generators=grid_mask_generators)
             nonfinite |= ~torch.isfinite(terms.total.detach())
             accelerator.backward(terms.total)
             timer.mark("student_bwd")
@@ -327,7 +304,8 @@ def restore(accelerator, model, optimizer, scheduler, out_dir: Path, log_path: P
                            getattr(accelerator, "scaler", None))
     if state.get("slots") not in (None, slots):
         raise TrainSetupError(f"{ckpts[-1]}: written with a global batch of {state['slots']} (processes x "
-                         f"grad_accum_steps), this run has {slots}: set train.grad_accum_steps so that they match")
+                              f"grad_accum_steps x batch_size), this run has {slots}: set train.grad_accum_steps "
+                              "or train.batch_size so that they match")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dropped = truncate_log(log_path, state["step"])
@@ -373,7 +351,7 @@ class TrainRun:
     optimizer: Any
     scheduler: Any
     run_log: RunLog
-    slots: int  # samples per global step: processes x grad_accum_steps
+    slots: int  # samples per global step: processes x grad_accum_steps x batch_size
 
 
 def prepare_output_dir(cfg: RunConfig, accelerator, resume: bool, overwrite: bool) -> Path:
@@ -409,7 +387,7 @@ def setup_run(cfg: RunConfig, accelerator, out_dir: Path) -> TrainRun:
     scheduler = build_scheduler(optimizer, spe * tc.epochs, tc.warmup_steps, tc.warmup_lr_init, tc.lr_min)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours: saved as JSON
     return TrainRun(cfg, accelerator, out_dir, data, total_steps, prompts, model, teacher, optimizer, scheduler,
-                    RunLog(out_dir, accelerator), accelerator.num_processes * tc.grad_accum_steps)
+                    RunLog(out_dir, accelerator), data.slots)
 
 
 def run_epochs(run: TrainRun, step: int, best: dict[str, Any] | None) -> int:

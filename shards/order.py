@@ -1,10 +1,11 @@
 """Sample order that does not depend on the process count, and resume that skips at the tar level.
 
-Training (batch size 1 per process). A global optimiser step consumes ``S = world * grad_accum`` *slots*.
-At epoch ``e`` the shard list is shuffled with the seed ``(seed, e)`` (the same on every rank); slot ``j``
-reads the shards ``shuffled[j::S]`` one after another, samples in tar order. Step ``p`` of the epoch takes
-sample ``p`` of every slot; micro-step ``a`` of rank ``r`` reads slot ``j = r * accum + a``. So one process
-with ``grad_accum=2`` and two processes with ``grad_accum=1`` see the same global batches, and the sample of
+Training. A global optimiser step consumes ``S = world * grad_accum * batch_size`` *slots*. At epoch ``e``
+the shard list is shuffled with the seed ``(seed, e)`` (the same on every rank); slot ``j`` reads the shards
+``shuffled[j::S]`` one after another, samples in tar order. Step ``p`` of the epoch takes sample ``p`` of
+every slot; element ``k`` of the batch of micro-step ``a`` of rank ``r`` reads slot
+``j = (r * accum + a) * batch_size + k``. So any (processes, grad_accum, batch_size) with the same product
+(1 x 4 x 1, 2 x 2 x 1, 2 x 1 x 2, 1 x 1 x 4, ...) sees the same global batches, and the sample of
 ``(epoch, step, slot)`` is a function of the manifest alone (optionally the samples of a slot are also
 shuffled inside blocks of consecutive positions, seeded the same way): a resumed run starts at the right shard and
 sample by arithmetic, opening only the shard it needs and seeking over tar headers (nothing decoded).
@@ -27,9 +28,10 @@ import hashlib
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 #: One unit of work: (shard path, sample index inside the shard, tag handed back with the batch).
@@ -58,9 +60,9 @@ def steps_per_epoch(counts: Sequence[int], n_slots: int) -> int:
 def check_slots(n_shards: int, n_slots: int, where: str) -> None:
     if n_shards < n_slots:
         raise ValueError(
-            f"{where}: {n_shards} training shard(s) for {n_slots} slots (processes x grad_accum_steps); every "
-            "slot reads its own shards: rebuild the shards with a smaller --samples-per-shard, or use fewer "
-            "processes / accumulation steps")
+            f"{where}: {n_shards} training shard(s) for {n_slots} slots (processes x grad_accum_steps x "
+            "batch_size); every slot reads its own shards: rebuild the shards with a smaller "
+            "--samples-per-shard, or use fewer processes / accumulation steps / a smaller batch")
 
 
 def block_permutation(n: int, block: int, seed: int, epoch: int, slot: int) -> list[int]:
@@ -77,18 +79,19 @@ def block_permutation(n: int, block: int, seed: int, epoch: int, slot: int) -> l
 
 
 def train_items(urls: Sequence[str], counts: dict[str, int], *, seed: int, epoch: int, start_step: int,
-                rank: int, world: int, accum: int, shuffle_block: int = 0) -> list[Item]:
-    """The items rank ``rank`` reads in ``epoch`` from step ``start_step`` on, tagged (epoch, step, micro).
+                rank: int, world: int, accum: int, shuffle_block: int = 0, batch_size: int = 1) -> list[Item]:
+    """The items rank ``rank`` reads in ``epoch`` from step ``start_step`` on, tagged (epoch, step, micro):
+    per step, per micro-step, its ``batch_size`` samples one after another (all with the micro-step's tag).
 
     ``shuffle_block`` > 1 also shuffles the samples of each slot inside blocks of that many consecutive
     positions (across shard boundaries); still a function of (seed, epoch, slot), so resume stays arithmetic.
     """
-    n_slots = world * accum
+    n_slots = world * accum * batch_size
     order = epoch_shard_order(urls, seed, epoch)
     slots = [order[j::n_slots] for j in range(n_slots)]
     spe = steps_per_epoch([counts[u] for u in urls], n_slots)
-    perms = {rank * accum + a: block_permutation(spe, shuffle_block, seed, epoch, rank * accum + a)
-             for a in range(accum)}
+    mine = [(a, (rank * accum + a) * batch_size + k) for a in range(accum) for k in range(batch_size)]
+    perms = {j: block_permutation(spe, shuffle_block, seed, epoch, j) for _, j in mine}
     cums = []
     for slot in slots:
         c = [0]
@@ -97,8 +100,7 @@ def train_items(urls: Sequence[str], counts: dict[str, int], *, seed: int, epoch
         cums.append(c)
     items: list[Item] = []
     for p in range(start_step, spe):
-        for a in range(accum):
-            j = rank * accum + a
+        for a, j in mine:
             q = perms[j][p]
             i = bisect.bisect_right(cums[j], q) - 1
             items.append((slots[j][i], q - cums[j][i], (epoch, p, a)))
@@ -188,42 +190,73 @@ class _ShardIndex:
 
 
 class PlannedSamples(IterableDataset):
-    """Yields the batch dict (batch size 1) of each planned item, decoded by ``shards.loader.process_sample``,
-    with ``batch["order"]`` = the item's tag. Workers split the items round robin (see the module doc)."""
+    """Yields the batch dict of each planned micro-batch (``batch_size`` consecutive items sharing one tag),
+    decoded by ``shards.loader.process_sample``, with ``batch["order"]`` = the tag. Workers split the
+    micro-batches round robin (see the module doc)."""
 
     max_open = 4
+    """Open shards kept per worker (at least 2 per slot of a batch: block shuffling alternates two shards)."""
 
     def __init__(self, counts: dict[str, int], grid, with_eval_gt: bool,
-                 index: dict[str, list[tuple[str, str]]] | None = None) -> None:
+                 index: dict[str, list[tuple[str, str]]] | None = None, batch_size: int = 1,
+                 per_sample: Callable[[dict[str, Any], tuple], dict[str, Any]] | None = None) -> None:
         """``index``: the manifest's ``{shard: [(key, digest), ...]}`` (``shards.verify.shard_index``): every
-        sample read is checked against it before it is decoded."""
+        sample read is checked against it before it is decoded. ``per_sample(sample, tag)``: extra entries of
+        one decoded sample (the ``process_sample`` dict) computed in the worker, e.g. a consumer's random
+        draws; tensors are stacked over the batch, other values listed (a picklable callable)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.counts, self.grid, self.with_eval_gt, self.index = counts, grid, with_eval_gt, index or {}
-        self.items: list[Item] = []
+        self.batch_size, self.per_sample = batch_size, per_sample
+        self.max_open = max(type(self).max_open, 2 * batch_size)
+        self.groups: list[list[Item]] = []
 
     def set_items(self, items: list[Item]) -> None:
-        self.items = list(items)
+        items = list(items)
+        b = self.batch_size
+        if len(items) % b:
+            raise ValueError(f"{len(items)} items do not make batches of {b}")
+        self.groups = [items[i:i + b] for i in range(0, len(items), b)]
+        for g in self.groups:
+            if any(tuple(it[2]) != tuple(g[0][2]) for it in g):
+                raise ValueError(f"the items of one batch carry different tags: {[it[2] for it in g]}")
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    @property
+    def items(self) -> list[Item]:
+        return [it for g in self.groups for it in g]
+
+    def _batch(self, group: list[Item], open_shards: dict[str, _ShardIndex]) -> dict[str, Any]:
         from shards.loader import collate, process_sample
 
+        samples = []
+        for url, index, _ in group:
+            shard = open_shards.pop(url, None) or _ShardIndex(url, self.counts.get(url), self.index.get(url))
+            open_shards[url] = shard  # a few, most recent last (block shuffling alternates)
+            if len(open_shards) > self.max_open:
+                open_shards.pop(next(iter(open_shards))).close()
+            samples.append(process_sample(shard.read(index), self.grid, self.with_eval_gt))
+        tag = group[0][2]
+        extras = [self.per_sample(s, tag) for s in samples] if self.per_sample is not None else []
+        batch = collate(samples)
+        for key in (extras[0] if extras else {}):
+            vals = [e[key] for e in extras]
+            batch[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+        batch["order"] = tag
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        open_shards: dict[str, _ShardIndex] = {}  # a few, most recent last (block shuffling alternates)
+        open_shards: dict[str, _ShardIndex] = {}
         try:
-            for url, index, tag in self.items[w::n_workers]:
-                shard = open_shards.pop(url, None) or _ShardIndex(url, self.counts.get(url), self.index.get(url))
-                open_shards[url] = shard
-                if len(open_shards) > self.max_open:
-                    open_shards.pop(next(iter(open_shards))).close()
-                batch = collate([process_sample(shard.read(index), self.grid, self.with_eval_gt)])
-                batch["order"] = tag
-                yield batch
+            for group in self.groups[w::n_workers]:
+                yield self._batch(group, open_shards)
         finally:
             for shard in open_shards.values():
                 shard.close()
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.groups)
 
 
 def _identity(x: Any) -> Any:

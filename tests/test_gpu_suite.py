@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -61,6 +63,17 @@ def test_one_section_and_fail_soft(tmp_path, monkeypatch):
     assert doc["sections"]["sync_debug"]["photometric_False"]["syncs"] <= 4
 
 
+def test_batch_size_option_steps_on_b_samples(tmp_path):
+    out = tmp_path / "b2.json"
+    assert gpu_suite.main(["--dry-run", "--out", str(out), "--sections", "train_step,sync_debug",
+                           "--batch-size", "2"]) == 0
+    sec = json.loads(out.read_text())["sections"]
+    assert "error" not in sec["train_step"], sec["train_step"].get("traceback")
+    assert sec["train_step"]["batch_size"] == 2
+    assert sec["train_step"]["samples_per_s"] == pytest.approx(2e3 / sec["train_step"]["ms"])
+    assert all(sec["sync_debug"][k]["syncs"] <= 4 for k in ("photometric_False", "photometric_True"))
+
+
 def test_wheels_never_install_torch(tmp_path, monkeypatch):
     for name in ("torch-2.9.0-cp312-cp312-linux_x86_64.whl", "triton-3.5.0-cp312-cp312-linux_x86_64.whl",
                  "torchvision-0.24.0-cp312-cp312-linux_x86_64.whl", "nvidia_cudnn_cu12-9.1-py3-none-any.whl",
@@ -83,3 +96,5 @@ def test_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2 and "nonsense" in proc.stderr and "Traceback" not in proc.stderr
     proc, _ = _run(tmp_path, "--wheels", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+    proc, _ = _run(tmp_path, "--batch-size", "0")
+    assert proc.returncode == 2 and "--batch-size" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks._synthetic_batch import make_batch
@@ -24,12 +25,14 @@ def _config(tmp_path):
         f"train.output_dir={tmp_path}"])
 
 
-def _step(model, teacher, optimizer, accelerator, batch, cfg, generator) -> torch.Tensor:
-    """The body of the training loop (pop3d/training.py) for one optimiser step."""
-    from pop3d.training import compute_loss
+def _step(model, teacher, optimizer, accelerator, batch, cfg) -> torch.Tensor:
+    """The body of the training loop (pop3d/training.py train_step) for one optimiser step."""
+    from pop3d.training import compute_loss, seed_sample_draws
 
+    grid_mask_generators = seed_sample_draws(cfg.train.seed, 0, batch["tokens"])
     with accelerator.accumulate(model):
-        terms, _ = compute_loss(model, teacher, batch, cfg, generator, train=True)
+        terms, _ = compute_loss(model, teacher, batch, cfg, None, train=True,
+                                grid_mask_generators=grid_mask_generators)
         accelerator.backward(terms.total)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_max_norm)
@@ -38,14 +41,27 @@ def _step(model, teacher, optimizer, accelerator, batch, cfg, generator) -> torc
     return terms.total.detach()
 
 
-PHOTOMETRIC_SITES = ("(coin)", "(uniform)", "(photometric_distortion)")
+def _loader_batch(cfg, seeds):
+    """A training batch as TrainData's loader delivers it: photometric parameters drawn per sample (host,
+    pinned, then moved with the batch), ``n_proj`` on the host; B = len(seeds)."""
+    from benchmarks._synthetic_batch import merge_batches
+    from pop3d.factory import batch_to_device
+    from pop3d.training import photometric_params
+
+    parts = []
+    for s in seeds:
+        b = make_batch(cfg, seed=s)
+        b["photometric"] = photometric_params(cfg.train.seed, 0, b["tokens"][0], 6)[None]
+        parts.append(b)
+    return batch_to_device(merge_batches(parts), torch.device("cpu"))
 
 
-def test_training_step_forces_at_most_four_syncs(tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_training_step_forces_at_most_four_syncs(tmp_path, batch_size):
     from accelerate import Accelerator
 
+    from pop3d.factory import build_student
     from pop3d.schedule import build_optimizer
-    from pop3d.factory import batch_to_device, build_student
     from teacher.live import build_teacher_from_config
 
     torch.manual_seed(0)
@@ -55,23 +71,20 @@ def test_training_step_forces_at_most_four_syncs(tmp_path):
     teacher = build_teacher_from_config(cfg.teacher)
     optimizer = build_optimizer(model, 1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
-    generator = torch.Generator().manual_seed(0)
-    batches = [batch_to_device(make_batch(cfg, seed=s), torch.device("cpu")) for s in range(3)]
+    batches = [_loader_batch(cfg, range(10 * s, 10 * s + batch_size)) for s in range(3)]
     assert batches[0]["proj_cam"].numel() > 50  # the cameras see the points: the feature loss is live
-    _step(model, teacher, optimizer, accelerator, batches[0], cfg, generator)  # warm-up: one-time caches
+    assert batches[0]["images"].shape[0] == batch_size
+    _step(model, teacher, optimizer, accelerator, batches[0], cfg)  # warm-up: one-time caches
     for batch, photometric in ((batches[1], False), (batches[2], True)):
         cfg.data.photometric_aug = photometric
         steps = [st["step"] for st in optimizer.optimizer.state.values() if "step" in st]
         with SyncCounter(host_tensors=steps) as sc:  # AdamW's step counters live on the CPU
-            loss = _step(model, teacher, optimizer, accelerator, batch, cfg, generator)
+            loss = _step(model, teacher, optimizer, accelerator, batch, cfg)
         assert torch.isfinite(loss)
         sites = sc.by_site()
-        # The photometric parameters are still drawn on the host per step (~11 small copies); drawing them
-        # in the loader (per-sample randomness, another helper's part of issue 10) removes those.
-        photo = {s: n for s, n in sites.items() if "pop3d/preprocess.py" in s and s.split(" ")[1] in PHOTOMETRIC_SITES}
-        syncs = sc.total - sum(photo.values())
-        assert syncs <= MAX_SYNCS_PER_STEP, f"{syncs} sync-forcing calls per step: {sites}"
-        assert bool(photo) == photometric, sites
+        assert sc.total <= MAX_SYNCS_PER_STEP, f"{sc.total} sync-forcing calls per step: {sites}"
+        # the photometric parameters come with the batch: applying them reads nothing on the host
+        assert not any("pop3d/preprocess.py" in s for s in sites), sites
 
 
 def test_counter_sees_the_sync_forcing_calls():

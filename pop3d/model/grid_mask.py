@@ -25,20 +25,37 @@ def grid_mask_pattern(h: int, w: int, d: int, st_h: int, st_w: int, ratio: float
 
 
 class GridMask(nn.Module):
-    """x (N, C, H, W) -> x * mask in training with probability ``prob``; one mask for all images/channels."""
+    """x (N, C, H, W) -> x * mask in training with probability ``prob``; one mask for all images/channels,
+    or, with ``generators`` (one per sample of a batch of ``len(generators)`` samples, N = B x cameras), one
+    draw and mask per sample from its own generator: sample b gets the mask it gets alone."""
 
     def __init__(self, prob: float = 0.7, ratio: float = 0.5):
         super().__init__()
         self.prob, self.ratio = prob, ratio
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if not self.training:
-            return x
+    def _mask(self, h: int, w: int, generator: torch.Generator | None, device, dtype) -> torch.Tensor | None:
+        """One draw: (h, w) mask, or None when GridMask does not fire (probability 1 - prob)."""
         if torch.rand((), generator=generator).item() > self.prob:
-            return x
-        h, w = x.shape[-2:]
+            return None
         d = int(torch.randint(2, h, (), generator=generator))
         st_h = int(torch.randint(d, (), generator=generator))
         st_w = int(torch.randint(d, (), generator=generator))
-        mask = grid_mask_pattern(h, w, d, st_h, st_w, self.ratio, x.device).to(x.dtype)
-        return x * mask
+        return grid_mask_pattern(h, w, d, st_h, st_w, self.ratio, device).to(dtype)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        if not self.training:
+            return x
+        h, w = x.shape[-2:]
+        if generators is None:
+            mask = self._mask(h, w, generator, x.device, x.dtype)
+            return x if mask is None else x * mask
+        b = len(generators)
+        if b == 0 or x.shape[0] % b:
+            raise ValueError(f"GridMask: {x.shape[0]} images cannot be split into {b} samples")
+        masks = [self._mask(h, w, g, x.device, x.dtype) for g in generators]
+        if all(m is None for m in masks):
+            return x
+        ones = torch.ones((h, w), device=x.device, dtype=x.dtype)
+        stacked = torch.stack([ones if m is None else m for m in masks])  # (B, h, w)
+        return (x.view(b, -1, *x.shape[1:]) * stacked[:, None, None]).view_as(x)

@@ -101,22 +101,30 @@ class TPVFormer(nn.Module):
         return img_hw
 
     # ---- forward -------------------------------------------------------------------------------------
-    def extract_img_feat(self, imgs: torch.Tensor, use_grid_mask: bool | None = None) -> list[torch.Tensor]:
-        """imgs (B, N, 3, H, W) -> [(B, N, C, h_l, w_l)] * levels."""
+    def extract_img_feat(self, imgs: torch.Tensor, use_grid_mask: bool | None = None,
+                         grid_mask_generators: list[torch.Generator] | None = None) -> list[torch.Tensor]:
+        """imgs (B, N, 3, H, W) -> [(B, N, C, h_l, w_l)] * levels. ``grid_mask_generators``: one per sample
+        (GridMask drawn per sample); None: one draw for the batch from the global RNG."""
         b, n = imgs.shape[:2]
         x = imgs.flatten(0, 1)
         if self.use_grid_mask if use_grid_mask is None else use_grid_mask:
-            x = self.grid_mask(x)
+            x = self.grid_mask(x, generators=grid_mask_generators)
         feats = self.img_neck(self.img_backbone(x))
         return [f.view(b, n, *f.shape[1:]) for f in feats]
 
     def forward(self, imgs: torch.Tensor, lidar2img: torch.Tensor, img_shape: Sequence[int] | None = None,
                 points: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                voxel_features: bool = True, use_grid_mask: bool | None = None) -> StudentOutput:
+                voxel_features: bool = True, use_grid_mask: bool | None = None,
+                grid_mask_generators: list[torch.Generator] | None = None) -> StudentOutput:
         """imgs (B, N, 3, Hp, Wp) normalised float; lidar2img (B, N, 4, 4); img_shape (Hp, Wp) used to
         normalise projected pixels (defaults to the tensor size); points (B, n, 3) and features (B, m, 3) grid
-        coordinates. GridMask runs only in training."""
+        coordinates. GridMask runs only in training (per sample with ``grid_mask_generators``, B of them).
+
+        Every output row b depends on sample b's inputs only (B > 1 equals B separate forwards, up to float
+        summation order; in training, dropout draws one mask per batch tensor, so not per sample)."""
         img_hw = self._check_inputs(imgs, lidar2img, img_shape, points, features)
-        feats = self.extract_img_feat(imgs, use_grid_mask)
+        if grid_mask_generators is not None and len(grid_mask_generators) != imgs.shape[0]:
+            raise ValueError(f"grid_mask_generators: {len(grid_mask_generators)} for a batch of {imgs.shape[0]}")
+        feats = self.extract_img_feat(imgs, use_grid_mask, grid_mask_generators)
         planes = self.tpv_head(feats, lidar2img, img_hw)
         return StudentOutput(*self.tpv_aggregator(planes, points, features, voxel_features))

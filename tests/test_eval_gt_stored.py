@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from _damage import rewrite_member
 
-import shards.evalgt as evalgt
 import shards.sample as sample_mod
+from shards import evalgt
 from shards.errors import ShardReadError
 from shards.geometry import GridSpec
 from shards.loader import make_loader

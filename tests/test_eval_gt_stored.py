@@ -295,3 +295,30 @@ def test_changing_the_grid_on_resume_rewrites_only_the_eval_gt_splits(synthetic_
     man = json.loads((out / "manifest.json").read_text())
     assert man["splits"]["val"]["eval_gt_grid"] is None
     assert all(b"eval_gt.npy" not in p.read_bytes() for p in out.glob("val-*.tar"))
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("build_shards_cli2", REPO / "scripts" / "build_shards.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_build_shards_cli_grid_flags(synthetic_root, tmp_path: Path, capsys) -> None:
+    cli = _cli()
+    out = tmp_path / "s"
+    rc = cli.main(["--dataroot", str(synthetic_root), "--version", "v1.0-mini", "--splits", "val", "--out", str(out),
+                   "--no-progress", "--eval-gt-grid", "10", "12", "3", "--eval-gt-range", "-20", "-24", "-4", "20",
+                   "24", "2"])
+    assert rc == 0 and "eval GT stored for 10x12x3" in capsys.readouterr().out
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["splits"]["val"]["eval_gt_grid"] == {"pc_min": [-20.0, -24.0, -4.0], "pc_max": [20.0, 24.0, 2.0],
+                                                    "size": [10, 12, 3]}
+    got = val_batches(str(out), GridSpec(pc_min=(-20, -24, -4), pc_max=(20, 24, 2), size=(10, 12, 3)))
+    assert got[0]["eval_gt"].shape == (1, 10, 12, 3)
+    for bad in (["--eval-gt-grid", "0", "12", "3"], ["--eval-gt-range", "20", "-24", "-4", "-20", "24", "2"]):
+        rc = cli.main(["--dataroot", str(synthetic_root), "--version", "v1.0-mini", "--splits", "val", "--out",
+                       str(tmp_path / "bad"), "--no-progress", *bad])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and "--eval-gt-grid" in err, err
+    assert not (tmp_path / "bad").exists()

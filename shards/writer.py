@@ -207,13 +207,13 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
     def samples() -> Iterable[dict[str, Any]]:
         for r in task.records:
             try:
-                sample = load_sample(r, dataroot)
+                sample = with_eval_gt(load_sample(r, dataroot), task.eval_gt_grid, dataroot)
             except DataError as exn:
                 if not skip_bad:
                     raise
                 skipped.append({"sample_token": r.token, "problem": str(exn)})
                 continue
-            yield with_eval_gt(sample, task.eval_gt_grid)
+            yield sample
 
     try:
         index = write_tar(tmp, samples())
@@ -231,16 +231,21 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
     return entry
 
 
-def with_eval_gt(sample: dict[str, Any], grid: GridSpec | None) -> dict[str, Any]:
+def with_eval_gt(sample: dict[str, Any], grid: GridSpec | None, dataroot: str = "") -> dict[str, Any]:
     """A :func:`shards.reader.load_sample` dict with its evaluation GT of ``grid`` (schema 3): ``eval_gt`` and
     ``voxel_label`` (:func:`shards.evalgt.eval_targets`, on the float32 points as stored) and the grid in
-    ``meta["eval_gt_grid"]``; with ``grid`` None or without lidarseg the record is ``null`` and nothing is added."""
+    ``meta["eval_gt_grid"]``; with ``grid`` None or without lidarseg the record is ``null`` and nothing is added.
+    Raises :class:`DataError` naming the lidarseg file when its labels are not nuScenes ids (0..31)."""
     store = grid is not None and sample.get("lidarseg") is not None
     meta = {**sample["meta"], EVAL_GT_GRID_KEY: grid_record(grid) if store else None}
     out = {**sample, "meta": meta}
     if store:
-        out["voxel_label"], out["eval_gt"] = eval_targets(np.asarray(sample["points"], dtype=np.float32),
-                                                          sample["lidarseg"], grid)
+        try:
+            out["voxel_label"], out["eval_gt"] = eval_targets(np.asarray(sample["points"], dtype=np.float32),
+                                                              sample["lidarseg"], grid)
+        except ValueError as exn:
+            path = os.path.join(dataroot, sample["meta"].get("lidarseg_file") or "?")
+            raise DataError(f"{path}: lidarseg labels cannot be used for the evaluation GT ({exn})") from None
     return out
 
 

@@ -322,3 +322,13 @@ def test_build_shards_cli_grid_flags(synthetic_root, tmp_path: Path, capsys) -> 
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and "--eval-gt-grid" in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_bad_lidarseg_ids_are_a_named_build_error() -> None:
+    from shards.writer import with_eval_gt
+
+    sample = {"token": "t", "meta": {"lidarseg_file": "lidarseg/v1.0-mini/x_lidarseg.bin"},
+              "points": np.zeros((3, 4), np.float32), "lidarseg": np.array([1, 200, 3], np.uint8)}
+    with pytest.raises(DataError, match=r"^/root/lidarseg/v1.0-mini/x_lidarseg.bin: lidarseg labels"):
+        with_eval_gt(sample, PAPER, "/root")
+    assert with_eval_gt(sample, None)["meta"]["eval_gt_grid"] is None and "eval_gt" not in with_eval_gt(sample, None)

@@ -1,6 +1,7 @@
-"""Shared by bench_eval_gt.py and gpu_suite.py: synthetic val shards and the val loader's samples/s with
-and without the evaluation ground truth (ray cast + voxel majority label), for the current ray cast and the
-first implementation (tests/_raycast_ref.py, patched in for the "before" rows)."""
+"""Shared by bench_eval_gt.py and gpu_suite.py: synthetic val shards (schema 3: val stores its evaluation GT for
+the paper grid) and the val loader's samples/s with and without the evaluation ground truth (ray cast + voxel
+majority label): read from the shards, computed by the current ray cast, or by the first implementation
+(tests/_raycast_ref.py, patched in for the "before" rows)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,19 +14,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_synthetic_shards(work_dir: str, samples_per_scene: int = 2, img_hw: tuple[int, int] = (900, 1600),
-                          n_azimuth: int = 1084) -> str:
+                          n_azimuth: int = 1084, eval_gt_splits: list[str] | None = None,
+                          name: str = "shards") -> str:
     """Synthetic nuScenes (v1.0-mini: 8 scenes) -> train/val shards under ``work_dir``; returns the shard dir.
 
-    Full-size images and ~34k LiDAR points per sweep (1084 azimuths x 32 beams), as nuScenes.
+    Full-size images and ~34k LiDAR points per sweep (1084 azimuths x 32 beams), as nuScenes. The val split
+    stores its evaluation GT for the paper grid (``eval_gt_splits`` None, the builder's default; ``[]``: none).
+    The dataroot is made once per ``work_dir``.
     """
     from shards.synthetic import make_synthetic_nuscenes
     from shards.writer import build_shards
 
-    root = make_synthetic_nuscenes(os.path.join(work_dir, "nuscenes"), seed=0, samples_per_scene=samples_per_scene,
-                                   test_scenes=(), img_hw=img_hw, n_azimuth=n_azimuth)
-    out = os.path.join(work_dir, "shards")
-    build_shards(str(root), ["v1.0-mini"], ["train", "val"], out, workers=1, samples_per_shard=2, progress=False)
+    root = os.path.join(work_dir, "nuscenes")
+    if not os.path.isdir(root):
+        make_synthetic_nuscenes(root, seed=0, samples_per_scene=samples_per_scene, test_scenes=(), img_hw=img_hw,
+                                n_azimuth=n_azimuth)
+    out = os.path.join(work_dir, name)
+    build_shards(str(root), ["v1.0-mini"], ["train", "val"], out, workers=1, samples_per_shard=2, progress=False,
+                 eval_gt_splits=eval_gt_splits)
     return out
+
+
+@contextlib.contextmanager
+def computed_eval_gt() -> Iterator[None]:
+    """Run the loader as if nothing were stored: the evaluation GT is always computed (in this process)."""
+    import shards.sample as sample_mod
+
+    saved = sample_mod.stored_eval_targets
+    sample_mod.stored_eval_targets = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        sample_mod.stored_eval_targets = saved
 
 
 @contextlib.contextmanager
@@ -33,40 +53,42 @@ def reference_raycast() -> Iterator[None]:
     """Run the loader with the first ray-cast implementation (in this process: use num_workers=0 or fork)."""
     import sys
 
-    import shards.loader as loader_mod
+    import shards.evalgt as evalgt_mod
 
     sys.path.insert(0, ROOT)
     from tests._raycast_ref import raycast_eval_gt_reference
 
-    saved = loader_mod.raycast_eval_gt
-    loader_mod.raycast_eval_gt = raycast_eval_gt_reference
+    saved = evalgt_mod.raycast_eval_gt
+    evalgt_mod.raycast_eval_gt = raycast_eval_gt_reference
     try:
         yield
     finally:
-        loader_mod.raycast_eval_gt = saved
+        evalgt_mod.raycast_eval_gt = saved
 
 
 @contextlib.contextmanager
 def voxel_label_always() -> Iterator[None]:
-    """The loader as before this change: ``voxel_label`` computed for every sample with lidarseg."""
-    import shards.loader as loader_mod
+    """The loader as before the first change: ``voxel_label`` computed for every sample with lidarseg."""
+    import numpy as np
 
-    saved = loader_mod.compute_targets
+    import shards.sample as sample_mod
+    from shards.geometry import grid_indices, voxel_majority_label
+
+    saved = sample_mod.compute_targets
 
     def compute_targets(points, lidarseg, *args, **kwargs):
         out = saved(points, lidarseg, *args, **kwargs)
         if lidarseg is not None and out["voxel_label"] is None:
-            labels = loader_mod.map_labels(lidarseg, loader_mod.RAW_TO_NOIGNORE)
-            grid = args[3] if len(args) > 3 else kwargs.get("grid", loader_mod.DEFAULT_GRID)
-            g64 = loader_mod.grid_indices(points, grid, __import__("numpy").float64)
-            out["voxel_label"] = loader_mod.voxel_majority_label(g64, labels, grid)
+            labels = sample_mod.map_labels(lidarseg, sample_mod.RAW_TO_NOIGNORE)
+            grid = args[3] if len(args) > 3 else kwargs.get("grid", sample_mod.DEFAULT_GRID)
+            out["voxel_label"] = voxel_majority_label(grid_indices(points, grid, np.float64), labels, grid)
         return out
 
-    loader_mod.compute_targets = compute_targets
+    sample_mod.compute_targets = compute_targets
     try:
         yield
     finally:
-        loader_mod.compute_targets = saved
+        sample_mod.compute_targets = saved
 
 
 def loader_rate(shard_dir: str, split: str, eval_gt: bool, workers: int, passes: int = 1,

@@ -16,8 +16,12 @@ if TYPE_CHECKING:
 
 def write_manifest(plans: dict[str, SplitPlan], tasks: list[ShardTask], done: dict[str, dict[str, Any]],
                    skipped: dict[str, list[dict[str, str]]], out_dir: str, split_version: dict[str, str],
-                   samples_per_shard: int, build_id: str) -> dict[str, Any]:
+                   samples_per_shard: int, build_id: str,
+                   eval_gt_grids: dict[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """Step 4 of :func:`shards.writer.build_shards`: write ``manifest.json`` atomically.
+
+    ``eval_gt_grids``: per split built now, the grid record of its stored evaluation GT (None: not stored),
+    written as ``splits.<split>.eval_gt_grid``.
 
     Splits of earlier runs that this run did not touch are kept as they were. Late skips (samples dropped while writing) join ``skipped``. Returns the manifest written.
     """
@@ -39,6 +43,7 @@ def write_manifest(plans: dict[str, SplitPlan], tasks: list[ShardTask], done: di
             "version": plan.version,
             "nuscenes_split": plan.devkit_split,
             "has_lidarseg": plan.has_lidarseg,
+            "eval_gt_grid": (eval_gt_grids or {}).get(split),
             "scenes_listed": plan.scenes_listed,
             "scenes_present": plan.scenes_present,
             "scenes_missing": plan.scenes_missing,

@@ -12,18 +12,20 @@ import fcntl
 import glob
 import json
 import os
+import re
 import secrets
+import tarfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from p3d_common import atomic as common_atomic
-
 from shards.reader import DataError
-from shards.schema import MANIFEST_NAME, PROGRESS_DIR, SCHEMA_VERSION
+from shards.schema import MANIFEST_NAME, META_FIELD, PROGRESS_DIR, SCHEMA_VERSION, decode_json
 
 FORMAT_NAME = "pop3d-nuscenes-wds"
 BUILD_FILE = "build.json"
 LOCK_FILE = "lock"
+SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<idx>\d{6})\.tar$")
 
 
 def temp_name(path: str, build_id: str) -> str:
@@ -101,3 +103,52 @@ def refuse_foreign(out_dir: str, names: Iterable[str], owned: set[str]) -> None:
             raise DataError(f"{path}: exists but was not written by build_shards (no record in "
                             f"{os.path.join(out_dir, PROGRESS_DIR)} or the manifest); move it away or use "
                             "another --out")
+
+
+def _first_meta(path: str) -> dict[str, Any] | None:
+    """``meta.json`` of the first sample of a tar (None when unreadable)."""
+    try:
+        with tarfile.open(path, "r|") as tf:
+            for ti in tf:
+                if ti.name.endswith("." + META_FIELD):
+                    fobj = tf.extractfile(ti)
+                    return decode_json(fobj.read()) if fobj else None
+    except (tarfile.TarError, OSError, ValueError):
+        return None
+    return None
+
+
+_OTHER_VERSION_HINT = ("Its shards are not mixed with new ones: build into a new --out (finished schema-2 shards "
+                       "still load, with the eval GT computed on the fly), or delete that folder's shards and "
+                       "build again.")
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output directory that holds shards of another schema version (naming the file)."""
+    man = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.exists(man):
+        with open(man) as f:
+            try:
+                m = json.load(f)
+            except json.JSONDecodeError as exn:
+                raise DataError(f"{man}: not a valid manifest ({exn}); remove it or use another --out") from None
+        if m.get("schema_version") != SCHEMA_VERSION or m.get("format") != FORMAT_NAME:
+            raise DataError(
+                f"{man}: output directory holds shards of schema version {m.get('schema_version')!r} "
+                f"(format {m.get('format')!r}); this writer writes version {SCHEMA_VERSION}. "
+                f"{_OTHER_VERSION_HINT}"
+            )
+    for side in sorted(glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))):
+        with open(side) as f:
+            v = json.load(f).get("schema_version")
+        if v != SCHEMA_VERSION:
+            raise DataError(f"{side}: progress record of schema version {v!r} (writer: {SCHEMA_VERSION}): a "
+                            f"build of an older writer; {_OTHER_VERSION_HINT}")
+    for tar in sorted(glob.glob(os.path.join(out_dir, "*.tar"))):
+        if SHARD_RE.match(os.path.basename(tar)) and not os.path.exists(
+            sidecar_path(out_dir, os.path.basename(tar))
+        ):
+            meta = _first_meta(tar)
+            if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
+                raise DataError(f"{tar}: shard of schema version {meta.get('schema_version')!r} "
+                                f"(writer: {SCHEMA_VERSION}); {_OTHER_VERSION_HINT}")

@@ -5,6 +5,9 @@ Decoding: JPEG -> uint8 RGB (3, H, W) with OpenCV (``cv2.imdecode`` + BGR->RGB),
 ``torchvision.io.decode_jpeg`` are libjpeg-turbo too and gave bit-identical pixels on the test images, but
 were slower (benchmarks/bench_loading.py). OpenCV comes with nuscenes-devkit (``opencv-python``).
 
+The evaluation GT (``eval_gt``, ``voxel_label``) is read from the shard where it is stored for the requested
+grid (schema 3) and computed otherwise (:mod:`shards.evalgt`, one log line per process saying so).
+
 Every sample is verified before it is decoded (:func:`shards.verify.verify_sample`); the batch layout is
 ``docs/architecture.md``'s (:data:`BATCH_KEYS`).
 """
@@ -17,6 +20,7 @@ import torch
 
 from p3d_common.labels import RAW_TO_NOIGNORE
 from shards.errors import ShardReadError
+from shards.evalgt import eval_targets, stored_eval_targets
 from shards.geometry import (
     GridSpec,
     grid_indices,
@@ -24,8 +28,6 @@ from shards.geometry import (
     map_labels,
     occupancy_target,
     project_all_cameras,
-    raycast_eval_gt,
-    voxel_majority_label,
 )
 from shards.schema import CAMERA_FIELDS, decode_arrays
 from shards.verify import verify_sample
@@ -71,6 +73,7 @@ def compute_targets(
     img_hw: tuple[int, int],
     grid: GridSpec = DEFAULT_GRID,
     with_eval_gt: bool = True,
+    stored: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray | None]:
     """Geometry of one sample (numpy; all rules in :mod:`shards.geometry`).
 
@@ -81,6 +84,8 @@ def compute_targets(
         grid: voxel volume.
         with_eval_gt: compute the evaluation targets: the ray-cast GT (~3.4M ray samples) and
             ``voxel_label``; both stay None without it (training samples).
+        stored: (voxel_label, eval_gt) read from the shard for ``grid`` (schema 3): used instead of
+            computing them (:mod:`shards.evalgt`).
 
     Returns:
         dict: ``lidar2img`` float32 (6, 4, 4); ``proj_cam``/``proj_point`` int64 (M,); ``proj_rowcol``
@@ -105,8 +110,8 @@ def compute_targets(
         labels = map_labels(lidarseg, RAW_TO_NOIGNORE)
         out["labels"] = labels.astype(np.int64)
         if with_eval_gt:  # evaluation targets only: training never reads them (voxel_label ~16 ms/sample)
-            out["voxel_label"] = voxel_majority_label(g64, labels, grid)
-            out["eval_gt"] = raycast_eval_gt(points, labels, grid)
+            vl_eg = stored if stored is not None else eval_targets(points, lidarseg, grid)
+            out["voxel_label"], out["eval_gt"] = vl_eg
     return out
 
 
@@ -126,7 +131,8 @@ def process_sample(
     seg = d["lidarseg"]
     if seg is not None and seg.shape != (pts.shape[0],):
         raise ShardReadError(f"{url}: sample {key}: {seg.shape[0]} labels for {pts.shape[0]} points")
-    t = compute_targets(pts, seg, d["cam_intrinsic"], d["lidar2cam"], (h, w), grid, with_eval_gt)
+    stored = stored_eval_targets(fields, d["meta"], grid) if with_eval_gt and seg is not None else None
+    t = compute_targets(pts, seg, d["cam_intrinsic"], d["lidar2cam"], (h, w), grid, with_eval_gt, stored)
 
     def tt(x: np.ndarray | None) -> torch.Tensor | None:
         return None if x is None else torch.from_numpy(np.ascontiguousarray(x))

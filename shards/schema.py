@@ -17,10 +17,23 @@ member                        content
 ``cam_intrinsic.npy``         float64 (6, 3, 3): K per camera
 ``lidar2cam.npy``             float64 (6, 4, 4): LiDAR(t_lidar) -> camera(t_cam) transform per camera,
                               ego motion between the two timestamps included
+``eval_gt.npy``               uint8 (X, Y, Z): the ray-cast evaluation GT
+                              (:func:`shards.geometry.raycast_eval_gt`) of the grid that ``meta.json``
+                              records as ``eval_gt_grid`` (schema 3; only for samples with lidarseg of
+                              the splits chosen with ``build_shards.py --eval-gt-splits``)
+``voxel_label.npy``           uint8 (X, Y, Z): the voxel majority label
+                              (:func:`shards.geometry.voxel_majority_label`) of the same grid; present
+                              exactly when ``eval_gt.npy`` is
 ``checksums.json``            last member: ``{"members": {field: {"bytes", "sha256"}}}`` of every
                               other member of the sample (schema version 2); the manifest lists,
                               per shard, every sample key with the sha256 of this member
 ============================  ====================================================================
+
+``meta.json`` of schema 3 also holds ``eval_gt_grid``: ``{"pc_min": [3 floats], "pc_max": [3 floats],
+"size": [X, Y, Z]}`` of the stored evaluation GT, or ``null`` where none is stored; the manifest records
+the same per split (``splits.<split>.eval_gt_grid``). The loader uses the stored arrays when that grid is
+the requested one and ray-casts otherwise (:mod:`shards.evalgt`). Readers accept schema 2 (no stored GT:
+always computed) and 3; the writer writes 3.
 
 Arrays are stored with ``np.save`` (``.npy`` format 1.0, little endian) and read with
 ``np.load(allow_pickle=False)``: no pickle anywhere. ``.npz`` is avoided on purpose because numpy
@@ -41,7 +54,11 @@ from shards.geometry import CAMERAS  # camera order of every per-camera array an
 
 #: Bump when a field is added, removed or changes meaning. The writer refuses to mix versions and the
 #: loader refuses shards of another version. 2: per-sample ``checksums.json`` + per-shard key index.
-SCHEMA_VERSION: int = 2
+#: 3: stored evaluation GT (``eval_gt.npy`` + ``voxel_label.npy``, ``meta.json``'s ``eval_gt_grid``).
+SCHEMA_VERSION: int = 3
+
+#: Schema versions the readers accept (a version-2 set reads as before; its eval GT is computed on the fly).
+READABLE_SCHEMA_VERSIONS: frozenset[int] = frozenset({2, 3})
 
 #: Tar-member extension (WebDataset field name) of each camera's JPEG, in :data:`CAMERAS` order.
 CAMERA_FIELDS: tuple[str, ...] = tuple(f"{c.lower()}.jpg" for c in CAMERAS)
@@ -51,9 +68,14 @@ LIDAR_FIELD = "lidar.npy"
 LIDARSEG_FIELD = "lidarseg.npy"
 INTRINSIC_FIELD = "cam_intrinsic.npy"
 LIDAR2CAM_FIELD = "lidar2cam.npy"
+EVAL_GT_FIELD = "eval_gt.npy"
+VOXEL_LABEL_FIELD = "voxel_label.npy"
 CHECKSUM_FIELD = "checksums.json"
+#: ``meta.json`` key of the grid the stored evaluation GT was computed for (schema 3).
+EVAL_GT_GRID_KEY = "eval_gt_grid"
 
-#: Fixed member order inside a sample (``lidarseg.npy`` is absent where the split has no lidarseg).
+#: Fixed member order inside a sample (``lidarseg.npy`` is absent where the split has no lidarseg, the two
+#: stored evaluation-GT members where none is stored).
 FIELD_ORDER: tuple[str, ...] = (
     META_FIELD,
     *CAMERA_FIELDS,
@@ -61,12 +83,15 @@ FIELD_ORDER: tuple[str, ...] = (
     LIDARSEG_FIELD,
     INTRINSIC_FIELD,
     LIDAR2CAM_FIELD,
+    EVAL_GT_FIELD,
+    VOXEL_LABEL_FIELD,
     CHECKSUM_FIELD,
 )
 
 #: Fields every sample must have (``checksums.json`` too: :func:`shards.verify.verify_sample` checks it, with
 #: the hint to rebuild schema-1 shards).
-REQUIRED_FIELDS: frozenset[str] = frozenset(f for f in FIELD_ORDER if f not in (LIDARSEG_FIELD, CHECKSUM_FIELD))
+REQUIRED_FIELDS: frozenset[str] = frozenset(
+    f for f in FIELD_ORDER if f not in (LIDARSEG_FIELD, EVAL_GT_FIELD, VOXEL_LABEL_FIELD, CHECKSUM_FIELD))
 
 #: File name of the per-directory manifest and of the progress folder used for resuming.
 MANIFEST_NAME = "manifest.json"
@@ -109,7 +134,9 @@ def encode_sample(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
     Args:
         sample: dict from :func:`shards.reader.load_sample` with keys ``token``, ``meta`` (dict),
             ``images`` (list of 6 JPEG ``bytes`` in :data:`CAMERAS` order), ``points`` float32 (N, 4),
-            ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` (6, 3, 3), ``lidar2cam`` (6, 4, 4).
+            ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` (6, 3, 3), ``lidar2cam`` (6, 4, 4), and
+            optionally ``eval_gt`` / ``voxel_label`` uint8 (X, Y, Z) (both or neither; the grid goes in
+            ``meta["eval_gt_grid"]``).
 
     Returns:
         ``[(field, payload), ...]`` in :data:`FIELD_ORDER`.
@@ -124,6 +151,13 @@ def encode_sample(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
         out.append((LIDARSEG_FIELD, encode_npy(np.asarray(sample["lidarseg"], dtype=np.uint8))))
     out.append((INTRINSIC_FIELD, encode_npy(np.asarray(sample["cam_intrinsic"], dtype=np.float64))))
     out.append((LIDAR2CAM_FIELD, encode_npy(np.asarray(sample["lidar2cam"], dtype=np.float64))))
+    stored = [sample.get("eval_gt") is not None, sample.get("voxel_label") is not None]
+    if any(stored):
+        if not all(stored) or not sample["meta"].get(EVAL_GT_GRID_KEY):
+            raise ValueError(f"sample {sample['token']}: eval_gt and voxel_label go together, with meta "
+                             f"{EVAL_GT_GRID_KEY}")
+        out.append((EVAL_GT_FIELD, encode_npy(np.asarray(sample["eval_gt"], dtype=np.uint8))))
+        out.append((VOXEL_LABEL_FIELD, encode_npy(np.asarray(sample["voxel_label"], dtype=np.uint8))))
     out.append((CHECKSUM_FIELD, encode_checksums(out)))
     return out
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from shards.errors import MissingSplitError, ShardReadError
 from shards.remote import is_remote, join, local_path, read_bytes
-from shards.schema import CHECKSUM_FIELD, MANIFEST_NAME, SCHEMA_VERSION, decode_json
+from shards.schema import CHECKSUM_FIELD, MANIFEST_NAME, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, decode_json
 
 #: Key of the raw sample dict holding the manifest's sha256 of the sample's ``checksums.json``.
 DIGEST_KEY = "__manifest_digest__"
@@ -41,17 +41,19 @@ def manifest_url(source: str) -> str:
 
 
 def load_manifest(source: str) -> tuple[dict[str, Any], str]:
-    """(manifest, root to join shard names to) of a local or remote shard set; refuses other schema versions.
+    """(manifest, root to join shard names to) of a local or remote shard set; refuses unknown schema versions
+    (reads :data:`shards.schema.READABLE_SCHEMA_VERSIONS`: 2 and 3).
 
     Raises:
         ShardReadError: naming the manifest when it is missing, not JSON, or of another schema version.
     """
     url = manifest_url(source)
     m = _parse_manifest(url)
-    if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(m, dict) or m.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         got = m.get("schema_version") if isinstance(m, dict) else None
-        raise ShardReadError(f"{url}: shards of schema version {got!r}, this code reads version {SCHEMA_VERSION} "
-                             f"(per-sample checksums); {REBUILD_HINT}")
+        readable = "/".join(str(v) for v in sorted(READABLE_SCHEMA_VERSIONS))
+        raise ShardReadError(f"{url}: shards of schema version {got!r}, this code reads versions {readable} "
+                             f"(per-sample checksums; written: {SCHEMA_VERSION}); {REBUILD_HINT}")
     if source.endswith(".json"):
         root = source.rsplit("/", 1)[0] if is_remote(source) else _local_dir(source)
     else:
@@ -265,11 +267,16 @@ def verify_shard_set(source: str, splits: list[str] | None = None, decode: bool 
 
 
 def decode_sample_members(fields: dict[str, Any]) -> None:
-    """Decode every member of a raw sample (JSON, npy with dtype/shape, the six JPEGs); raise naming it."""
+    """Decode every member of a raw sample (JSON, npy with dtype/shape, the six JPEGs, the stored eval GT with
+    its grid record); raise naming it."""
+    from shards.evalgt import decode_stored, stored_grid
     from shards.loader import decode_jpeg_rgb
     from shards.schema import CAMERA_FIELDS, decode_arrays
 
     d = decode_arrays(fields)
+    grid = stored_grid(fields, d["meta"])
+    if grid is not None:
+        decode_stored(fields, grid)
     for fld, data in zip(CAMERA_FIELDS, d["jpegs"]):
         decode_jpeg_rgb(data, f"{fields.get('__url__', '?')}: sample {fields.get('__key__', '?')}: member {fld}")
 

@@ -34,24 +34,28 @@ the manifest lists every skipped sample with its problem (``splits.<split>.skipp
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
 import multiprocessing
 import os
-import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from shards.evalgt import PAPER_GRID, eval_targets, grid_record
+from shards.geometry import GridSpec
 from shards.manifest import write_manifest
 from shards.outdir import (
     FORMAT_NAME,
+    SHARD_RE,
     atomic_write_json,
     build_id_of,
     build_lock,
+    check_output_dir,
     clean_temp_files,
     owned_names,
     refuse_foreign,
@@ -69,22 +73,20 @@ from shards.reader import (
 )
 from shards.schema import (
     CHECKSUM_FIELD,
-    MANIFEST_NAME,
-    META_FIELD,
+    EVAL_GT_GRID_KEY,
     PROGRESS_DIR,
     SCHEMA_VERSION,
-    decode_json,
     encode_sample,
     shard_name,
 )
 
 TAR_USER = "pop3d"
-_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<idx>\d{6})\.tar$")
 
 
 @dataclass
 class ShardTask:
-    """One shard to write: its name, split, records and the digest of its plan."""
+    """One shard to write: its name, split, records, the digest of its plan and the grid of the evaluation GT
+    it stores for its samples with lidarseg (None: none stored)."""
 
     split: str
     index: int
@@ -92,11 +94,14 @@ class ShardTask:
     records: list[SampleRecord]
     plan_digest: str
     build_id: str = ""
+    eval_gt_grid: GridSpec | None = None
 
 
-def _plan_digest(split: str, version: str, index: int, records: list[SampleRecord], skip_bad: bool) -> str:
+def _plan_digest(split: str, version: str, index: int, records: list[SampleRecord], skip_bad: bool,
+                 eval_gt_grid: GridSpec | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([SCHEMA_VERSION, FORMAT_NAME, version, split, index, skip_bad]).encode())
+    grid = None if eval_gt_grid is None else grid_record(eval_gt_grid)
+    h.update(json.dumps([SCHEMA_VERSION, FORMAT_NAME, version, split, index, skip_bad, grid]).encode())
     for r in records:
         h.update(json.dumps([r.token, r.cam_files, r.lidar_file, r.lidarseg_file, r.source_sizes]).encode())
         h.update(r.cam_intrinsic.tobytes())
@@ -105,16 +110,19 @@ def _plan_digest(split: str, version: str, index: int, records: list[SampleRecor
 
 
 def plan_shards(
-    plan: SplitPlan, records: list[SampleRecord], samples_per_shard: int, skip_bad: bool = False
+    plan: SplitPlan, records: list[SampleRecord], samples_per_shard: int, skip_bad: bool = False,
+    eval_gt_grid: GridSpec | None = None,
 ) -> list[ShardTask]:
-    """Cut ``records`` (in order) into shards of ``samples_per_shard`` samples."""
+    """Cut ``records`` (in order) into shards of ``samples_per_shard`` samples (storing the evaluation GT of
+    ``eval_gt_grid`` for the samples with lidarseg, when given)."""
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     tasks = []
     for i, start in enumerate(range(0, len(records), samples_per_shard)):
         recs = records[start:start + samples_per_shard]
         tasks.append(ShardTask(plan.split, i, shard_name(plan.split, i), recs,
-                               _plan_digest(plan.split, plan.version, i, recs, skip_bad)))
+                               _plan_digest(plan.split, plan.version, i, recs, skip_bad, eval_gt_grid),
+                               eval_gt_grid=eval_gt_grid))
     return tasks
 
 
@@ -199,11 +207,13 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
     def samples() -> Iterable[dict[str, Any]]:
         for r in task.records:
             try:
-                yield load_sample(r, dataroot)
+                sample = with_eval_gt(load_sample(r, dataroot), task.eval_gt_grid, dataroot)
             except DataError as exn:
                 if not skip_bad:
                     raise
                 skipped.append({"sample_token": r.token, "problem": str(exn)})
+                continue
+            yield sample
 
     try:
         index = write_tar(tmp, samples())
@@ -219,6 +229,24 @@ def write_shard(task: ShardTask, dataroot: str, out_dir: str, skip_bad: bool = F
         raise
     os.replace(tmp, final)
     return entry
+
+
+def with_eval_gt(sample: dict[str, Any], grid: GridSpec | None, dataroot: str = "") -> dict[str, Any]:
+    """A :func:`shards.reader.load_sample` dict with its evaluation GT of ``grid`` (schema 3): ``eval_gt`` and
+    ``voxel_label`` (:func:`shards.evalgt.eval_targets`, on the float32 points as stored) and the grid in
+    ``meta["eval_gt_grid"]``; with ``grid`` None or without lidarseg the record is ``null`` and nothing is added.
+    Raises :class:`DataError` naming the lidarseg file when its labels are not nuScenes ids (0..31)."""
+    store = grid is not None and sample.get("lidarseg") is not None
+    meta = {**sample["meta"], EVAL_GT_GRID_KEY: grid_record(grid) if store else None}
+    out = {**sample, "meta": meta}
+    if store:
+        try:
+            out["voxel_label"], out["eval_gt"] = eval_targets(np.asarray(sample["points"], dtype=np.float32),
+                                                              sample["lidarseg"], grid)
+        except ValueError as exn:
+            path = os.path.join(dataroot, sample["meta"].get("lidarseg_file") or "?")
+            raise DataError(f"{path}: lidarseg labels cannot be used for the evaluation GT ({exn})") from None
+    return out
 
 
 def _write_shard_star(args: tuple[ShardTask, str, str, bool, str]) -> dict[str, Any]:
@@ -248,50 +276,6 @@ def _finished_entry(task: ShardTask, out_dir: str, dataroot: str, verify: str, s
     return {k: rec[k] for k in _ENTRY_KEYS}
 
 
-def _first_meta(path: str) -> dict[str, Any] | None:
-    """``meta.json`` of the first sample of a tar (None when unreadable)."""
-    try:
-        with tarfile.open(path, "r|") as tf:
-            for ti in tf:
-                if ti.name.endswith("." + META_FIELD):
-                    fobj = tf.extractfile(ti)
-                    return decode_json(fobj.read()) if fobj else None
-    except (tarfile.TarError, OSError, ValueError):
-        return None
-    return None
-
-
-def check_output_dir(out_dir: str) -> None:
-    """Refuse an output directory that holds shards of another schema version (naming the file)."""
-    man = os.path.join(out_dir, MANIFEST_NAME)
-    if os.path.exists(man):
-        with open(man) as f:
-            try:
-                m = json.load(f)
-            except json.JSONDecodeError as exn:
-                raise DataError(f"{man}: not a valid manifest ({exn}); remove it or use another --out") from None
-        if m.get("schema_version") != SCHEMA_VERSION or m.get("format") != FORMAT_NAME:
-            raise DataError(
-                f"{man}: output directory holds shards of schema version {m.get('schema_version')!r} "
-                f"(format {m.get('format')!r}); this writer writes version {SCHEMA_VERSION}. "
-                "Use another --out or delete the old shards."
-            )
-    for side in sorted(glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))):
-        with open(side) as f:
-            v = json.load(f).get("schema_version")
-        if v != SCHEMA_VERSION:
-            raise DataError(f"{side}: progress record of schema version {v!r} (writer: {SCHEMA_VERSION}); "
-                            "use another --out or delete the old shards")
-    for tar in sorted(glob.glob(os.path.join(out_dir, "*.tar"))):
-        if _SHARD_RE.match(os.path.basename(tar)) and not os.path.exists(
-            sidecar_path(out_dir, os.path.basename(tar))
-        ):
-            meta = _first_meta(tar)
-            if meta is not None and meta.get("schema_version") != SCHEMA_VERSION:
-                raise DataError(f"{tar}: shard of schema version {meta.get('schema_version')!r} "
-                                f"(writer: {SCHEMA_VERSION}); use another --out or delete the old shards")
-
-
 def _format_problems(problems: list[tuple[str, str]], limit: int = 10) -> str:
     lines = [f"  sample {tok}: {msg}" for tok, msg in problems[:limit]]
     if len(problems) > limit:
@@ -310,6 +294,8 @@ def build_shards(
     verify: str = "sha256",
     progress: bool = True,
     source_check: str = "stat",
+    eval_gt_splits: list[str] | None = None,
+    eval_gt_grid: GridSpec = PAPER_GRID,
 ) -> dict[str, Any]:
     """Build (or resume) the shards of ``splits`` into ``out_dir`` and write ``manifest.json``.
 
@@ -326,6 +312,11 @@ def build_shards(
         progress: show a tqdm progress bar.
         source_check: how a finished shard's sources are compared with the current ones on resume:
             ``"stat"`` (size + mtime, default) or ``"content"`` (sha256 of every source file).
+        eval_gt_splits: splits whose samples with lidarseg store their evaluation GT (``eval_gt.npy``,
+            ``voxel_label.npy``); default (None): ``val`` when it is built and has lidarseg; ``[]``: none.
+            A split named here must be built and have lidarseg.
+        eval_gt_grid: the grid of the stored evaluation GT (default: the paper's 100x100x8); the loader uses
+            the stored arrays only for exactly this grid.
 
     Returns:
         The manifest dict (also written to ``<out_dir>/manifest.json``).
@@ -343,30 +334,37 @@ def build_shards(
     if not splits:
         raise DataError("no split requested")
     split_version = {s: version_for_split(list(versions), s) for s in dict.fromkeys(splits)}
+    if eval_gt_splits is not None:
+        unknown = [s for s in eval_gt_splits if s not in split_version]
+        if unknown:
+            raise DataError(f"--eval-gt-splits {unknown}: not among the --splits built now {list(split_version)}")
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
     with build_lock(out_dir):
         check_output_dir(out_dir)
         build_id = build_id_of(out_dir)
         clean_temp_files(out_dir, build_id)
         return _build_locked(dataroot, split_version, out_dir, workers, samples_per_shard, skip_bad, verify,
-                             progress, source_check, build_id)
+                             progress, source_check, build_id, (eval_gt_splits, eval_gt_grid))
 
 
 def _build_locked(dataroot: str, split_version: dict[str, str], out_dir: str, workers: int,
                   samples_per_shard: int, skip_bad: bool, verify: str, progress: bool, source_check: str,
-                  build_id: str) -> dict[str, Any]:
+                  build_id: str, eval_gt: tuple[list[str] | None, GridSpec]) -> dict[str, Any]:
     """:func:`build_shards` once the folder is locked and checked: plan, resume, write, manifest."""
-    plans, tasks, skipped = _plan_build(dataroot, split_version, samples_per_shard, skip_bad, build_id)
+    plans, tasks, skipped = _plan_build(dataroot, split_version, samples_per_shard, skip_bad, build_id, eval_gt)
     done, todo = _resume_check(tasks, out_dir, dataroot, split_version, verify, source_check)
     if done:
         print(f"reusing {len(done)} finished shard(s) in {out_dir} (checked: {verify}); {len(todo)} to write")
     _write_missing(todo, tasks, done, dataroot, out_dir, workers, skip_bad, progress, source_check, build_id)
-    return write_manifest(plans, tasks, done, skipped, out_dir, split_version, samples_per_shard, build_id)
+    return write_manifest(plans, tasks, done, skipped, out_dir, split_version, samples_per_shard, build_id,
+                          {t.split: None if t.eval_gt_grid is None else grid_record(t.eval_gt_grid) for t in tasks})
 
 
 def _plan_build(dataroot: str, split_version: dict[str, str], samples_per_shard: int, skip_bad: bool,
-                build_id: str) -> tuple[dict[str, SplitPlan], list[ShardTask], dict[str, list[dict[str, str]]]]:
-    """Step 1: plan every split with the devkit (main process only) and cut it into shard tasks.
+                build_id: str, eval_gt: tuple[list[str] | None, GridSpec] = (None, PAPER_GRID)
+                ) -> tuple[dict[str, SplitPlan], list[ShardTask], dict[str, list[dict[str, str]]]]:
+    """Step 1: plan every split with the devkit (main process only) and cut it into shard tasks (those of the
+    eval-GT splits, ``eval_gt`` = (splits or None for the default, grid), carry the grid).
 
     Returns (plans by split, all shard tasks stamped with ``build_id``, skipped samples by split). Raises
     :class:`DataError` on bad input files unless ``skip_bad``, and when a split has no sample left.
@@ -381,6 +379,7 @@ def _plan_build(dataroot: str, split_version: dict[str, str], samples_per_shard:
     all_problems = [p for s in split_version for p in plans[s].problems]
     if all_problems and not skip_bad:
         raise DataError(f"{len(all_problems)} bad input file(s):\n{_format_problems(all_problems)}")
+    gt_splits = _eval_gt_splits(plans, eval_gt[0])
 
     tasks: list[ShardTask] = []
     skipped: dict[str, list[dict[str, str]]] = {}
@@ -391,10 +390,22 @@ def _plan_build(dataroot: str, split_version: dict[str, str], samples_per_shard:
         recs = [r for r in plan.records if r.token not in bad]
         if not recs:
             raise DataError(f"split {split!r}: no sample left to write")
-        tasks += plan_shards(plan, recs, samples_per_shard, skip_bad)
+        tasks += plan_shards(plan, recs, samples_per_shard, skip_bad, eval_gt[1] if split in gt_splits else None)
     for t in tasks:
         t.build_id = build_id
     return plans, tasks, skipped
+
+
+def _eval_gt_splits(plans: dict[str, SplitPlan], requested: list[str] | None) -> set[str]:
+    """The splits that store their evaluation GT: ``requested`` (each must have lidarseg), or by default
+    ``val`` when it is built and has lidarseg (the split that is evaluated; also ``v1.0-mini``'s val)."""
+    if requested is None:
+        return {"val"} if "val" in plans and plans["val"].has_lidarseg else set()
+    bad = [s for s in requested if not plans[s].has_lidarseg]
+    if bad:
+        raise DataError(f"--eval-gt-splits {bad}: no lidarseg in {[plans[s].version for s in bad]}, so there is no "
+                        "evaluation GT to store; leave these splits out of --eval-gt-splits")
+    return set(requested)
 
 
 def _resume_check(tasks: list[ShardTask], out_dir: str, dataroot: str, split_version: dict[str, str], verify: str,
@@ -415,7 +426,7 @@ def _resume_check(tasks: list[ShardTask], out_dir: str, dataroot: str, split_ver
             done[t.name] = e
     planned = {t.name for t in tasks}
     for name in sorted(owned - planned):
-        m = _SHARD_RE.match(name)
+        m = SHARD_RE.match(name)
         if m and m.group("split") in split_version:  # ours, of a split rebuilt now, no longer planned
             for p in (os.path.join(out_dir, name), sidecar_path(out_dir, name)):
                 if os.path.exists(p):

@@ -18,12 +18,14 @@ import pytest
 from shards.schema import (
     CAMERA_FIELDS,
     CHECKSUM_FIELD,
+    EVAL_GT_FIELD,
     INTRINSIC_FIELD,
     LIDAR2CAM_FIELD,
     LIDAR_FIELD,
     LIDARSEG_FIELD,
     META_FIELD,
     SCHEMA_VERSION,
+    VOXEL_LABEL_FIELD,
     decode_json,
     decode_npy,
 )
@@ -114,7 +116,12 @@ def test_round_trip_against_source_files_and_devkit(shard_root: str, synthetic_r
         # fixed member order, no extra dots in keys
         expected_fields = [META_FIELD, *CAMERA_FIELDS, LIDAR_FIELD]
         expected_fields += [LIDARSEG_FIELD] if entry["has_lidarseg"] else []
-        expected_fields += [INTRINSIC_FIELD, LIDAR2CAM_FIELD, CHECKSUM_FIELD]
+        expected_fields += [INTRINSIC_FIELD, LIDAR2CAM_FIELD]
+        # the eval GT is stored by default for val (the paper grid), recorded in the manifest
+        paper = {"pc_min": [-51.2, -51.2, -5.0], "pc_max": [51.2, 51.2, 3.0], "size": [100, 100, 8]}
+        assert entry["eval_gt_grid"] == (paper if split == "val" else None)
+        expected_fields += [EVAL_GT_FIELD, VOXEL_LABEL_FIELD] if split == "val" else []
+        expected_fields += [CHECKSUM_FIELD]
         assert names == [f"{k}.{f}" for k in samples for f in expected_fields]
         # per-sample checksums: every other member's size + sha256; the manifest lists key + its digest
         assert [k for k, _ in sh["samples"]] == list(samples)
@@ -132,6 +139,7 @@ def test_round_trip_against_source_files_and_devkit(shard_root: str, synthetic_r
             assert meta["sample_token"] == token and meta["split"] == split and meta["version"] == entry["version"]
             assert meta["scene_name"] == nusc.get("scene", sample["scene_token"])["name"]
             assert meta["cameras"] == list(CAMERAS)
+            assert meta["eval_gt_grid"] == entry["eval_gt_grid"]
             lidar_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
             for c, (cam, fld) in enumerate(zip(CAMERAS, CAMERA_FIELDS)):
                 cam_sd = nusc.get("sample_data", sample["data"][cam])

@@ -366,9 +366,12 @@ def prepare_output_dir(cfg: RunConfig, accelerator, resume: bool, overwrite: boo
             accelerator.print(f"--overwrite: deleted {', '.join(deleted)} in {out_dir}")
     accelerator.wait_for_everyone()
     check_output_dir(out_dir, resume)
+    accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes config.yaml into the folder
     if accelerator.is_main_process:
+        from p3d_common.atomic import atomic_write_text
+
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return out_dir
 
 

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    metavar=("XMIN", "YMIN", "ZMIN", "XMAX", "YMAX", "ZMAX"),
                    help="volume of the stored evaluation GT in metres (the config's pc_range); default "
                         "-51.2 -51.2 -5 51.2 51.2 3")
+    p.add_argument("--overwrite", action="store_true",
+                   help="first delete an earlier build's shards, records and manifest in --out (of any schema "
+                        "version; other files stay), then build")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         m = build_shards(a.dataroot, a.version, a.splits, a.out, workers=a.workers,
                          samples_per_shard=a.samples_per_shard, skip_bad=a.skip_bad, verify=a.verify,
                          progress=not a.no_progress, source_check=a.source_check,
-                         eval_gt_splits=a.eval_gt_splits, eval_gt_grid=eval_gt_grid(a))
+                         eval_gt_splits=a.eval_gt_splits, eval_gt_grid=eval_gt_grid(a), overwrite=a.overwrite)
     except DataError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2

@@ -21,8 +21,18 @@ TEXT=$RUN/text_embeddings_random.safetensors
 echo "== 1/7 synthetic nuScenes (real on-disk format) -> $DATA"
 $PY scripts/make_synthetic_nuscenes.py --out "$DATA" --seed 0
 echo "== 2/7 shards (train, val, test) -> $SHARDS (val with its eval GT for configs/tiny.yaml's 25x25x4 grid)"
+# shards of an older schema made by an earlier quick start are rebuilt (--overwrite: the builder's own files only)
+OLD=$($PY - "$SHARDS" <<'PY'
+import json, sys
+from pathlib import Path
+from shards.schema import SCHEMA_VERSION
+man = Path(sys.argv[1], "manifest.json")
+print("--overwrite" if man.is_file() and json.loads(man.read_text()).get("schema_version") != SCHEMA_VERSION else "")
+PY
+)
+if [ -n "$OLD" ]; then echo "$SHARDS holds shards of an older schema: rebuilding them"; fi
 $PY scripts/build_shards.py --dataroot "$DATA" --version v1.0-mini v1.0-test --splits train val test \
-    --out "$SHARDS" --workers 2 --samples-per-shard 4 --no-progress \
+    --out "$SHARDS" --workers 2 --samples-per-shard 4 --no-progress $OLD \
     --eval-gt-splits val --eval-gt-grid 25 25 4 --eval-gt-range -51.2 -51.2 -5 51.2 51.2 3
 echo "== 3/7 train configs/tiny.yaml -> $RUN (CPU, a few minutes)"
 cat <<'MSG'

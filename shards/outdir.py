@@ -119,8 +119,50 @@ def _first_meta(path: str) -> dict[str, Any] | None:
 
 
 _OTHER_VERSION_HINT = ("Its shards are not mixed with new ones: build into a new --out (finished schema-2 shards "
-                       "still load, with the eval GT computed on the fly), or delete that folder's shards and "
-                       "build again.")
+                       "still load, with the eval GT computed on the fly), or rebuild this folder with --overwrite "
+                       "(deletes only the builder's own files).")
+
+
+def delete_build(out_dir: str) -> list[str]:
+    """``--overwrite``: delete the files an earlier build (of any schema version) wrote into ``out_dir``: the
+    shards its records name (``.progress/*.tar.json`` and the manifest), those records, ``manifest.json``,
+    ``.progress/build.json`` and its temp files. Everything else stays. Call it holding :func:`build_lock`.
+    Returns the deleted names (relative to ``out_dir``), sorted.
+
+    Raises:
+        DataError: ``manifest.json`` or ``build.json`` is not this builder's (the folder is not a build's).
+    """
+    man, build = os.path.join(out_dir, MANIFEST_NAME), os.path.join(out_dir, PROGRESS_DIR, BUILD_FILE)
+    names: set[str] = {os.path.basename(p)[: -len(".json")]
+                       for p in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))}
+    for path in (man, build):
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            if not isinstance(rec, dict) or rec.get("format") != FORMAT_NAME:
+                raise ValueError(f"format {rec.get('format') if isinstance(rec, dict) else None!r}")
+        except (json.JSONDecodeError, ValueError) as exn:
+            raise DataError(f"{path}: not a record of build_shards ({exn}); --overwrite deletes only a build's own "
+                            "files: move the folder away or use another --out") from None
+        if path == man:
+            names |= {sh["name"] for e in rec.get("splits", {}).values() for sh in e.get("shards", [])}
+    doomed = [n for n in names if SHARD_RE.match(n)] + [os.path.join(PROGRESS_DIR, n + ".json") for n in names]
+    doomed += [MANIFEST_NAME, os.path.join(PROGRESS_DIR, BUILD_FILE)]
+    if os.path.exists(build):
+        with open(build) as f:
+            old_id = str(json.load(f).get("build_id", ""))
+        if re.fullmatch(r"[0-9a-f]{16}", old_id):
+            doomed += [os.path.relpath(p, out_dir) for p in glob.glob(os.path.join(out_dir, f"*.tmp-{old_id}-*"))
+                       + glob.glob(os.path.join(out_dir, PROGRESS_DIR, f"*.tmp-{old_id}-*"))]
+    deleted = []
+    for rel in sorted(set(doomed)):
+        path = os.path.join(out_dir, rel)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+            deleted.append(rel)
+    return deleted
 
 
 def check_output_dir(out_dir: str) -> None:

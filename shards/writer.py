@@ -57,6 +57,7 @@ from shards.outdir import (
     build_lock,
     check_output_dir,
     clean_temp_files,
+    delete_build,
     owned_names,
     refuse_foreign,
     sidecar_path,
@@ -296,6 +297,7 @@ def build_shards(
     source_check: str = "stat",
     eval_gt_splits: list[str] | None = None,
     eval_gt_grid: GridSpec = PAPER_GRID,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build (or resume) the shards of ``splits`` into ``out_dir`` and write ``manifest.json``.
 
@@ -317,6 +319,8 @@ def build_shards(
             A split named here must be built and have lidarseg.
         eval_gt_grid: the grid of the stored evaluation GT (default: the paper's 100x100x8); the loader uses
             the stored arrays only for exactly this grid.
+        overwrite: first delete what an earlier build (of any schema version) wrote into ``out_dir``
+            (:func:`shards.outdir.delete_build`: its shards, records and manifest; nothing else), then build.
 
     Returns:
         The manifest dict (also written to ``<out_dir>/manifest.json``).
@@ -340,6 +344,10 @@ def build_shards(
             raise DataError(f"--eval-gt-splits {unknown}: not among the --splits built now {list(split_version)}")
     os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
     with build_lock(out_dir):
+        if overwrite:
+            deleted = delete_build(out_dir)
+            if deleted:
+                print(f"--overwrite: deleted {len(deleted)} file(s) of the earlier build in {out_dir}")
         check_output_dir(out_dir)
         build_id = build_id_of(out_dir)
         clean_temp_files(out_dir, build_id)

@@ -187,6 +187,41 @@ def test_resuming_a_schema2_build_is_refused_with_one_line(shard_root: str, tmp_
     assert after == {p: b for p, b in before.items() if p.name != "lock"}  # nothing mixed in, nothing touched
 
 
+def test_overwrite_rebuilds_a_schema2_folder_and_keeps_foreign_files(shard_root: str, tmp_path: Path,
+                                                                      synthetic_root, capsys) -> None:
+    """--overwrite deletes the schema-2 build's own files (its shards, records, manifest) and rebuilds as
+    schema 3 with stored GT; a file the builder did not write stays byte for byte."""
+    v2 = write_v2_copy(shard_root, tmp_path / "v2")
+    old_shards = sorted(p.name for p in v2.glob("val-*.tar"))
+    (v2 / "notes.txt").write_text("mine")
+    (v2 / "val-000000.tar.tmp-someoneelse-1").write_text("not ours")
+    cli = _cli()
+    args = ["--dataroot", str(synthetic_root), "--version", "v1.0-mini", "--splits", "val", "--out", str(v2),
+            "--samples-per-shard", "2", "--no-progress"]
+    assert cli.main(args) == 2 and "--overwrite" in capsys.readouterr().err  # the refusal names the way out
+    assert cli.main([*args, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert f"deleted {len(old_shards) + 1} file(s)" in out, out  # the shards + manifest.json (no records in v2)
+    man = json.loads((v2 / "manifest.json").read_text())
+    assert man["schema_version"] == 3 and man["splits"]["val"]["eval_gt_grid"]["size"] == [100, 100, 8]
+    assert (v2 / "notes.txt").read_text() == "mine"
+    assert (v2 / "val-000000.tar.tmp-someoneelse-1").read_text() == "not ours"
+    assert_same_gt(val_batches(str(v2), PAPER), val_batches(shard_root, PAPER))
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_build(synthetic_root, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"format": "something-else", "splits": {}}))
+    (other / "val-000000.tar").write_bytes(b"x" * 10)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    rc = _cli().main(["--dataroot", str(synthetic_root), "--version", "v1.0-mini", "--splits", "val", "--out",
+                      str(other), "--no-progress", "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "manifest.json" in err and "not a record" in err, err
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
 # ---------------------------------------------------------------------------------------------------------
 # damaged stored members are named errors, not a recompute
 # ---------------------------------------------------------------------------------------------------------

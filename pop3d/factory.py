@@ -1,7 +1,8 @@
-"""Building the student from a run config, saving and loading its weights, and the grid it predicts on.
+"""Building the student from a run config, saving and loading its weights, the grid it predicts on, and the
+run's live teacher.
 
-Training, evaluation, retrieval and the visualiser all build the student here; nothing outside training
-imports the training loop (:mod:`pop3d.training`).
+Training, evaluation, retrieval and the visualiser all build the student (and the teacher) here; nothing
+outside training imports the training loop (:mod:`pop3d.training`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from pop3d.model.tpvformer import TPVFormer
     from shards.geometry import GridSpec
 
-__all__ = ["batch_to_device", "build_student", "grid_spec_of", "load_student", "save_student"]
+__all__ = ["batch_to_device", "build_run_teacher", "build_student", "grid_spec_of", "load_student", "save_student"]
 
 
 def build_student(cfg: RunConfig) -> TPVFormer:
@@ -27,6 +28,17 @@ def build_student(cfg: RunConfig) -> TPVFormer:
     from pop3d.model.tpvformer import TPVFormer
 
     return TPVFormer(cfg.model)
+
+
+def build_run_teacher(cfg: RunConfig, device: torch.device | str = "cpu"):
+    """The live teacher of ``cfg.teacher`` on ``device``. A random teacher (``teacher.weights`` null: tests, the
+    quick start) is initialised from ``train.seed`` alone, so training, retrieval's MaskCLIP baseline and the
+    visualiser see the same teacher on every process and every run. Seeds the global torch RNG."""
+    from shards.order import stable_seed
+    from teacher.live import build_teacher_from_config
+
+    torch.manual_seed(stable_seed(cfg.train.seed, "teacher-init"))
+    return build_teacher_from_config(cfg.teacher, device=device)
 
 
 def load_student(cfg: RunConfig, weights: str | os.PathLike, device: torch.device | str = "cpu"

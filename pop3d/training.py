@@ -65,16 +65,14 @@ class TrainSetupError(ValueError):
 def build_models(cfg: RunConfig, device: torch.device):
     """Student and teacher, each initialised from a seed derived from the config only (same on every rank)."""
     from pop3d.checkpoint import load_student_weights
-    from teacher.live import build_teacher_from_config
+    from pop3d.factory import build_run_teacher
 
     torch.manual_seed(stable_seed(cfg.train.seed, "student-init"))
     model = build_student(cfg)
     if cfg.train.init_weights:
         report = load_student_weights(model, cfg.train.init_weights, kind=cfg.train.init_kind)
         log.info("init weights %s: %s", cfg.train.init_weights, report)
-    torch.manual_seed(stable_seed(cfg.train.seed, "teacher-init"))
-    teacher = build_teacher_from_config(cfg.teacher, device=device)
-    return model, teacher
+    return model, build_run_teacher(cfg, device)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------

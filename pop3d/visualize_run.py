@@ -34,10 +34,10 @@ def predict_classes(model, batch, prompts, cfg, device) -> torch.Tensor:
 def teacher_dots(cfg, batch, device):
     """The live teacher's targets of one sample as ``(cam (M,), rowcol (M, 2), PCA rgb uint8 (M, 3))``."""
     from pop3d.visualize import teacher_pca_colors
-    from teacher.live import build_teacher_from_config
+    from pop3d.factory import build_run_teacher
 
-    # build_teacher_from_config warns loudly itself when teacher.weights is null (random weights).
-    teacher = build_teacher_from_config(cfg.teacher, device=device)
+    # the teacher warns loudly itself when teacher.weights is null (random weights: seeded from the config)
+    teacher = build_run_teacher(cfg, device)
     feats = teacher(batch["images"].to(device), batch["proj_batch"].to(device), batch["proj_cam"].to(device),
                     batch["proj_rowcol"].to(device))
     dots = (batch["proj_cam"], batch["proj_rowcol"], teacher_pca_colors(feats.float().cpu()))

@@ -348,3 +348,37 @@ def test_make_synthetic_retrieval_writes_the_original_format(bench, synthetic_ro
             rel = np.load(bench / ann)
             n = (Path(synthetic_root) / pts).stat().st_size // 20
             assert rel.dtype == bool and rel.shape == (n,) and rel.sum() >= 10 and query
+
+
+@pytest.mark.slow
+def test_retrieval_on_two_processes_gives_the_one_process_results(bench, tiny, shard_root, tmp_path):
+    """`accelerate launch --num_processes 2 scripts/retrieval.py`: each rank scores half of the samples, the
+    entries are gathered, and rank 0 writes every entry's APs and the tables of a one-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from pop3d.factory import save_student
+
+    cfg, model, _ = tiny
+    weights = tmp_path / "student.safetensors"
+    save_student(model, weights, cfg, 0)
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data.shards={shard_root}",
+            "--set", "data.num_workers=0", "--weights", str(weights), "--benchmark", str(bench), "--random-queries",
+            "--no-progress", "--device", "cpu"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29551"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    results = {}
+    for name, prefix in (("one", [sys.executable]), ("two", launch)):
+        cmd = [*prefix, str(ROOT / "scripts" / "retrieval.py"), *args, "--out", str(tmp_path / name)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        files = list((tmp_path / name).glob("results_2*.json"))
+        assert len(files) == 1, files  # rank 0 alone writes
+        results[name] = json.loads(files[0].read_text())
+    one, two = results["one"], results["two"]
+    assert one["evaluated"] == two["evaluated"] == 8 and one["entries"] == two["entries"] == 8
+    assert one["samples"] == two["samples"] and one["tables"] == two["tables"]
+    assert all(s["ap_visible_maskclip"] is not None for s in two["samples"])

@@ -36,28 +36,35 @@ def run_retrieval(cfg, entries: list[BenchmarkEntry], *, weights: str | os.PathL
                   maskclip: bool, allow_missing: bool, num_workers: int | None, progress: bool) -> int:
     """Score the benchmark ``entries``: print one table per split and write the results under ``out``.
 
-    Returns the exit status: 0, or 2 after a one-line error when the query embeddings are not the student's width.
+    Under ``accelerate launch`` (N processes) every rank scores its share of the samples, the results are
+    gathered and rank 0 prints and writes them. Returns the exit status: 0, or 2 after a one-line error when the
+    query embeddings are not the student's width.
     """
-    from pop3d.evaluate_run import load_reported_student
+    from pop3d.evaluate_run import eval_device, load_reported_student
     from pop3d.factory import grid_spec_of
     from pop3d.retrieval.queries import save_query_embeddings
     from pop3d.retrieval.report import format_table, summarize, write_results
     from pop3d.retrieval.run import evaluate_retrieval
 
+    accelerator, dev = eval_device(device)
+    is_main = accelerator is None or accelerator.is_main_process
+    progress = progress and is_main
     queries = [e.query for e in entries]
-    print(f"benchmark {benchmark}: {len(entries)} entries, {len(set(queries))} distinct queries "
-          f"({', '.join(f'{s} {sum(e.split == s for e in entries)}' for s in splits)})")
-    dev = torch.device(device)
+    if is_main:
+        print(f"benchmark {benchmark}: {len(entries)} entries, {len(set(queries))} distinct queries "
+              f"({', '.join(f'{s} {sum(e.split == s for e in entries)}' for s in splits)})"
+              + (f", on {accelerator.num_processes} processes" if accelerator is not None else ""))
     dim = cfg.model.feature_dim
     emb, source = query_embeddings(queries, dim, random_queries=random_queries,
                                    query_embeddings_path=query_embeddings_path, clip_weights=clip_weights,
                                    device=dev, progress=progress)
     got = next(iter(emb.values())).shape[0]
     if got != dim:
-        print(f"error: {source}: query embeddings have {got} dims, the student predicts {dim} (model.feature_dim)",
-              file=sys.stderr)
+        if is_main:
+            print(f"error: {source}: query embeddings have {got} dims, the student predicts {dim} "
+                  "(model.feature_dim)", file=sys.stderr)
         return 2
-    if save_query_embeddings_path:
+    if save_query_embeddings_path and is_main:
         save_query_embeddings(save_query_embeddings_path, emb, source)
         print(f"wrote query embeddings to {save_query_embeddings_path}")
 
@@ -65,14 +72,16 @@ def run_retrieval(cfg, entries: list[BenchmarkEntry], *, weights: str | os.PathL
     model.to(dev)
     teacher = None
     if maskclip:
-        from teacher.live import build_teacher_from_config
+        from pop3d.factory import build_run_teacher
 
-        teacher = build_teacher_from_config(cfg.teacher, device=dev)
+        teacher = build_run_teacher(cfg, dev)
     report = evaluate_retrieval(
         model, teacher, entries, emb, cfg.data.shards, grid_spec_of(cfg), device=dev,
         student_image_hw=cfg.data.student_image_hw,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
-        progress=progress, allow_missing=allow_missing)
+        progress=progress, allow_missing=allow_missing, accelerator=accelerator)
+    if not is_main:
+        return 0
     table_splits = [s for s in TABLE_SPLITS if s in splits or s == "valtest"]
     summaries = summarize(report.results, table_splits)
     print()

@@ -74,7 +74,8 @@ def iterate_benchmark_samples(shards: str, tokens: set[str], grid, num_workers: 
             return
         urls, _ = list_shards(shards, split)
         loader = make_loader(shards, split, batch_size=1, num_workers=min(num_workers, len(urls)), grid=grid,
-                             shuffle=False, eval_gt=False, tokens=set(remaining))
+                             shuffle=False, eval_gt=False, tokens=set(remaining),
+                             split_nodes=False)  # under N processes the tokens are split, not the shards
         for batch in loader:
             token = batch["tokens"][0]
             remaining.discard(token)
@@ -86,14 +87,18 @@ def iterate_benchmark_samples(shards: str, tokens: set[str], grid, num_workers: 
 @torch.no_grad()
 def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: dict[str, torch.Tensor],
                        shards: str, grid, *, device: torch.device, student_image_hw=None,
-                       num_workers: int = 0, progress: bool = True, allow_missing: bool = False
-                       ) -> RetrievalReport:
+                       num_workers: int = 0, progress: bool = True, allow_missing: bool = False,
+                       accelerator=None) -> RetrievalReport:
     """Run the benchmark: every entry's sample is read from the shards (any split) by token.
 
     model: the student (eval mode is set here); teacher: a LiveTeacher or None (no MaskCLIP baseline);
     queries: {query: (C,)}; grid: the student's GridSpec. An entry whose annotation length differs from the
     sample's point count is skipped and reported. A token found in no shard is an error unless
     ``allow_missing`` (then it is reported). Results come back in benchmark order.
+
+    With an ``accelerator`` of N processes, rank r scores the samples ``sorted(tokens)[r::N]`` and the entries'
+    results are gathered (``accelerate.utils.gather_object``): every rank returns the whole report, equal to a
+    one-process run's.
     """
     from tqdm.auto import tqdm
 
@@ -101,11 +106,14 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
 
     dim = next(iter(queries.values())).shape[0] if queries else None
     by_token = _entries_by_token(entries, queries)
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    mine = set(sorted(by_token)[rank::world])
     model.eval()
     results: dict[int, SampleResult] = {}
     mismatched: dict[int, Skipped] = {}
-    bar = tqdm(total=len(entries), desc="retrieval", disable=not progress, dynamic_ncols=True)
-    for shard_split, batch in iterate_benchmark_samples(shards, set(by_token), grid, num_workers):
+    bar = tqdm(total=sum(len(by_token[t]) for t in mine), desc="retrieval", disable=not progress,
+               dynamic_ncols=True)
+    for shard_split, batch in iterate_benchmark_samples(shards, mine, grid, num_workers):
         todo = _usable_entries(entries, by_token[batch["tokens"][0]], batch, shard_split, mismatched, bar)
         if not todo:
             continue
@@ -115,6 +123,8 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
             results[i] = _score_entry(entries[i], batch, queries, feats, t_feats)
             bar.update(1)
     bar.close()
+    if world > 1:
+        results, mismatched = _gathered(results), _gathered(mismatched)
     missing = [Skipped(entries[i].token, entries[i].split, entries[i].query, "sample not found in any shard")
                for i in range(len(entries)) if i not in results and i not in mismatched]
     if missing and not allow_missing:
@@ -124,6 +134,13 @@ def evaluate_retrieval(model, teacher, entries: list[BenchmarkEntry], queries: d
                              f"--allow-missing to report them)")
     return RetrievalReport([results[i] for i in sorted(results)], [mismatched[i] for i in sorted(mismatched)],
                            missing, len(entries), teacher is not None)
+
+
+def _gathered(per_rank: dict[int, Any]) -> dict[int, Any]:
+    """{entry index: value} of every process, merged (each entry is scored by exactly one rank)."""
+    from accelerate.utils import gather_object
+
+    return dict(gather_object(sorted(per_rank.items(), key=lambda kv: kv[0])))
 
 
 def _entries_by_token(entries: list[BenchmarkEntry], queries: dict[str, torch.Tensor]) -> dict[str, list[int]]:

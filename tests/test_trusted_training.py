@@ -216,12 +216,14 @@ def test_config_accepts_yaml_exponent_without_dot():
     assert load_config(ROOT / "configs" / "tiny.yaml", ["train.lr=1e-3"]).train.lr == 1e-3
 
 
-def test_cli_bad_value_is_one_line_exit_2():
+@pytest.mark.parametrize("override", ["train.lr=nan", "train.batch_size=0"])
+def test_cli_bad_value_is_one_line_exit_2(override):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config",
-                           str(ROOT / "configs" / "tiny.yaml"), "--set", "train.lr=nan"], cwd=ROOT,
+                           str(ROOT / "configs" / "tiny.yaml"), "--set", override], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
-    assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+    assert override.split("=")[0] in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_text_class_id_outside_lidarseg_ids_is_refused():

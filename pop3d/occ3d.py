@@ -348,15 +348,16 @@ def predict_occ3d(model, batch: dict[str, Any], lidar2ego: np.ndarray, grid, tex
 
 
 @torch.no_grad()
-def evaluate_occ3d(model, loader, prompts, gt_index: dict[str, Path], lidar2ego: dict[str, np.ndarray], grid, *,
+def evaluate_occ3d(model, loader, prompts, gt_index: dict[str, Path], lidar2ego: dict[str, np.ndarray] | None, grid, *,
                    device: torch.device, student_image_hw=None, normalized_cosine: bool = False,
                    max_samples: int | None = None, save_dir: str | Path | None = None, progress: bool = True
                    ) -> Occ3DMeter:
     """Score the student on Occ3D-nuScenes over ``loader`` (batch size 1); gathered over processes at the end.
 
-    gt_index: :func:`index_gt`; lidar2ego: :func:`shards.lidar2ego.lidar2ego_by_sample`. Every sample of the
-    loader must have both (a missing one is an :class:`Occ3DError`, never a silent skip). ``save_dir``: also
-    write ``<token>.npz`` predictions there.
+    gt_index: :func:`index_gt`; lidar2ego: :func:`shards.lidar2ego.lidar2ego_by_sample` (from a nuScenes
+    dataroot) or None: the calibration the shards carry (``batch["lidar2ego"]``, schema 3), which is also
+    preferred when both are there. Every sample of the loader must have a GT and a calibration (a missing one
+    is an :class:`Occ3DError`, never a silent skip). ``save_dir``: also write ``<token>.npz`` predictions there.
     """
     from tqdm.auto import tqdm
 
@@ -369,10 +370,9 @@ def evaluate_occ3d(model, loader, prompts, gt_index: dict[str, Path], lidar2ego:
         token = batch["tokens"][0]
         if token not in gt_index:
             raise Occ3DError(f"sample {token}: no Occ3D ground truth (<scene>/{token}/labels.npz) in the GT folder")
-        if token not in lidar2ego:
-            raise Occ3DError(f"sample {token}: no LIDAR_TOP keyframe calibration in the nuScenes tables")
+        calib = sample_lidar2ego(batch, lidar2ego)
         gt = load_labels(gt_index[token])
-        pred, oor = predict_occ3d(model, batch, lidar2ego[token], grid, text, prompt_class, device=device,
+        pred, oor = predict_occ3d(model, batch, calib, grid, text, prompt_class, device=device,
                                   student_image_hw=student_image_hw, normalized_cosine=normalized_cosine)
         meter.update(pred, gt.semantics, gt.mask_camera, oor)
         if save_dir is not None:
@@ -383,6 +383,19 @@ def evaluate_occ3d(model, loader, prompts, gt_index: dict[str, Path], lidar2ego:
     bar.close()
     meter.all_reduce()
     return meter
+
+
+def sample_lidar2ego(batch: dict[str, Any], tables: dict[str, np.ndarray] | None) -> np.ndarray:
+    """(4, 4) float64 LiDAR -> ego of a batch-1 sample: from its shard (schema 3), else from the nuScenes tables."""
+    token = batch["tokens"][0]
+    if batch.get("lidar2ego") is not None:
+        return batch["lidar2ego"][0].cpu().numpy().astype(np.float64)
+    if tables is None:
+        raise Occ3DError(f"sample {token}: its shards (schema 2) carry no LiDAR -> ego calibration: pass "
+                         "--nuscenes-dataroot DIR, or rebuild the shards with scripts/build_shards.py --overwrite")
+    if token not in tables:
+        raise Occ3DError(f"sample {token}: no LIDAR_TOP keyframe calibration in the nuScenes tables")
+    return tables[token]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,7 +409,8 @@ def add_occ3d_arguments(parser) -> None:
     parser.add_argument("--occ3d-gt", type=Path, help="Occ3D-nuScenes ground truth: the gts/ folder or its parent")
     parser.add_argument("--nuscenes-dataroot", type=Path,
                         help="nuScenes folder whose tables give the LiDAR -> ego calibration (Occ3D voxels are in "
-                             "the ego frame); default: --occ3d-gt when it holds v1.0-* tables (synthetic data)")
+                             "the ego frame); only needed for schema-2 shards (schema 3 stores it per sample); "
+                             "default: --occ3d-gt when it holds v1.0-* tables (synthetic data)")
     parser.add_argument("--nuscenes-version", nargs="+", help="table folders to read (default: all found)")
     parser.add_argument("--save-predictions", type=Path,
                         help="with occ3d: write <sample_token>.npz ('semantics' (200, 200, 16) uint8) here")
@@ -413,14 +427,11 @@ def run_occ3d_protocol(args, cfg, model, prompts, split: str, device: torch.devi
 
     if args.occ3d_gt is None:
         raise Occ3DError(f"--protocol {args.protocol} needs --occ3d-gt DIR (Occ3D-nuScenes gts/ or its parent)")
-    dataroot = args.nuscenes_dataroot
-    if dataroot is None:
-        if not any(args.occ3d_gt.glob("v1.0-*")):
-            raise Occ3DError("--protocol occ3d needs --nuscenes-dataroot DIR: Occ3D's voxels are in the ego frame "
-                             "and the LiDAR -> ego calibration comes from the nuScenes tables")
+    dataroot = args.nuscenes_dataroot  # optional: schema-3 shards carry the LiDAR -> ego calibration
+    if dataroot is None and any(args.occ3d_gt.glob("v1.0-*")):
         dataroot = args.occ3d_gt
     gt_index = index_gt(args.occ3d_gt)
-    calib = lidar2ego_by_sample(dataroot, args.nuscenes_version)
+    calib = None if dataroot is None else lidar2ego_by_sample(dataroot, args.nuscenes_version)
     grid = grid_spec_of(cfg)
     loader = make_loader(cfg.data.shards, split, batch_size=1, num_workers=cfg.data.num_workers, grid=grid,
                          shuffle=False, eval_gt=False)

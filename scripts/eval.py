@@ -14,7 +14,7 @@ machines add ``--multi_gpu``).
 
 ``--protocol occ3d`` (or ``both``) scores on Occ3D-nuScenes instead (or as well); see pop3d/occ3d.py:
 
-    python scripts/eval.py ... --protocol both --occ3d-gt /data/occ3d-nuscenes --nuscenes-dataroot /data/nuscenes
+    python scripts/eval.py ... --protocol both --occ3d-gt /data/occ3d-nuscenes   # schema-2 shards: --nuscenes-dataroot
 """
 from __future__ import annotations
 

@@ -85,6 +85,7 @@ class SampleRecord:
 
     Paths are relative to the dataroot. Arrays: ``cam_intrinsic`` float64 (6, 3, 3),
     ``lidar2cam`` float64 (6, 4, 4) (LiDAR at t_lidar -> camera at t_cam, ego motion included),
+    ``lidar2ego`` float64 (4, 4) (LiDAR -> ego body frame: the LIDAR_TOP ``calibrated_sensor`` record),
     ``cam_hw`` int (6, 2) as (H, W).
     """
 
@@ -100,6 +101,7 @@ class SampleRecord:
     lidarseg_file: str | None
     cam_intrinsic: np.ndarray
     lidar2cam: np.ndarray
+    lidar2ego: np.ndarray
     source_sizes: list[int] = field(default_factory=list)
 
     def meta(self) -> dict[str, Any]:
@@ -185,6 +187,14 @@ def _lidar_to_camera(nusc: Any, lidar_sd: dict, cam_sd: dict) -> np.ndarray:
         ),
         dtype=np.float64,
     )
+
+
+def _lidar_to_ego(nusc: Any, lidar_sd: dict) -> np.ndarray:
+    """4x4 LiDAR -> ego (body frame at t_lidar): the keyframe's LIDAR_TOP calibrated_sensor record."""
+    from shards.geometry import transform_matrix
+
+    cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
+    return np.asarray(transform_matrix(cs["translation"], cs["rotation"]), dtype=np.float64)
 
 
 def _stat_size(path: str) -> int | None:
@@ -294,6 +304,7 @@ def plan_split(nusc: Any, split: str, check_files: bool = True) -> SplitPlan:
                     ]
                 ),
                 lidar2cam=np.stack([_lidar_to_camera(nusc, lidar_sd, sd) for sd in cam_sds]),
+                lidar2ego=_lidar_to_ego(nusc, lidar_sd),
             )
             if len({tuple(hw) for hw in rec.cam_hw.tolist()}) != 1:
                 msg = (f"{os.path.join(nusc.dataroot, rec.cam_files[0])}: cameras of sample {token} have "
@@ -359,7 +370,8 @@ def load_sample(rec: SampleRecord, dataroot: str) -> dict[str, Any]:
     Returns:
         dict with ``token`` (str), ``meta`` (dict, see :meth:`SampleRecord.meta`), ``images``
         (list of 6 JPEG ``bytes``, :data:`CAMERAS` order, original bytes), ``points`` float32 (N, 4),
-        ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` float64 (6, 3, 3), ``lidar2cam`` float64 (6, 4, 4).
+        ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` float64 (6, 3, 3), ``lidar2cam`` float64 (6, 4, 4),
+        ``lidar2ego`` float64 (4, 4).
 
     Raises:
         DataError: naming the file and the problem.
@@ -378,6 +390,7 @@ def load_sample(rec: SampleRecord, dataroot: str) -> dict[str, Any]:
         "lidarseg": seg,
         "cam_intrinsic": rec.cam_intrinsic,
         "lidar2cam": rec.lidar2cam,
+        "lidar2ego": rec.lidar2ego,
     }
 
 

@@ -48,6 +48,7 @@ BATCH_KEYS: tuple[str, ...] = (
     "occupancy",
     "voxel_label",
     "eval_gt",
+    "lidar2ego",
     "proj_batch",
     "proj_cam",
     "proj_point",
@@ -143,6 +144,7 @@ def process_sample(
         "img_hw": (h, w),
         "points": torch.from_numpy(pts),
         "labels_raw": tt(seg),
+        "lidar2ego": tt(d["lidar2ego"]),
         **{k: tt(v) for k, v in t.items()},
     }
 
@@ -153,7 +155,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     Shapes: ``images`` uint8 (B, 6, 3, H, W); ``lidar2img`` float32 (B, 6, 4, 4); ``img_hw`` (H, W);
     ``points``/``grid_ind``/``labels``/``labels_raw``: lists of B tensors (N_b, 4)/(N_b, 3)/(N_b,)/(N_b,)
     (labels None where the split has no lidarseg); ``occupancy``/``voxel_label``/``eval_gt`` uint8
-    (B, X, Y, Z) (the last two may be None); ``proj_batch``/``proj_cam``/``proj_point`` int64 (M,),
+    (B, X, Y, Z) (the last two may be None); ``lidar2ego`` float64 (B, 4, 4) or None (schema-2 shards);
+    ``proj_batch``/``proj_cam``/``proj_point`` int64 (M,),
     ``proj_rowcol`` int64 (M, 2), concatenated sample by sample.
     """
     if not samples:
@@ -186,6 +189,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "occupancy": torch.stack([s["occupancy"] for s in samples]),
         "voxel_label": stack_or_none("voxel_label"),
         "eval_gt": stack_or_none("eval_gt"),
+        "lidar2ego": stack_or_none("lidar2ego"),
         "proj_batch": torch.cat(
             [torch.full((len(s["proj_point"]),), b, dtype=torch.int64) for b, s in enumerate(samples)]
         ),

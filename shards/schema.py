@@ -17,6 +17,8 @@ member                        content
 ``cam_intrinsic.npy``         float64 (6, 3, 3): K per camera
 ``lidar2cam.npy``             float64 (6, 4, 4): LiDAR(t_lidar) -> camera(t_cam) transform per camera,
                               ego motion between the two timestamps included
+``lidar2ego.npy``             float64 (4, 4): LiDAR -> ego body frame of the keyframe (its LIDAR_TOP
+                              ``calibrated_sensor``; schema 3, every sample): the frame of Occ3D's voxels
 ``eval_gt.npy``               uint8 (X, Y, Z): the ray-cast evaluation GT
                               (:func:`shards.geometry.raycast_eval_gt`) of the grid that ``meta.json``
                               records as ``eval_gt_grid`` (schema 3; only for samples with lidarseg of
@@ -54,7 +56,8 @@ from shards.geometry import CAMERAS  # camera order of every per-camera array an
 
 #: Bump when a field is added, removed or changes meaning. The writer refuses to mix versions and the
 #: loader refuses shards of another version. 2: per-sample ``checksums.json`` + per-shard key index.
-#: 3: stored evaluation GT (``eval_gt.npy`` + ``voxel_label.npy``, ``meta.json``'s ``eval_gt_grid``).
+#: 3: stored evaluation GT (``eval_gt.npy`` + ``voxel_label.npy``, ``meta.json``'s ``eval_gt_grid``) and the
+#: LiDAR -> ego calibration (``lidar2ego.npy``) of every sample.
 SCHEMA_VERSION: int = 3
 
 #: Schema versions the readers accept (a version-2 set reads as before; its eval GT is computed on the fly).
@@ -68,6 +71,7 @@ LIDAR_FIELD = "lidar.npy"
 LIDARSEG_FIELD = "lidarseg.npy"
 INTRINSIC_FIELD = "cam_intrinsic.npy"
 LIDAR2CAM_FIELD = "lidar2cam.npy"
+LIDAR2EGO_FIELD = "lidar2ego.npy"
 EVAL_GT_FIELD = "eval_gt.npy"
 VOXEL_LABEL_FIELD = "voxel_label.npy"
 CHECKSUM_FIELD = "checksums.json"
@@ -83,15 +87,17 @@ FIELD_ORDER: tuple[str, ...] = (
     LIDARSEG_FIELD,
     INTRINSIC_FIELD,
     LIDAR2CAM_FIELD,
+    LIDAR2EGO_FIELD,
     EVAL_GT_FIELD,
     VOXEL_LABEL_FIELD,
     CHECKSUM_FIELD,
 )
 
 #: Fields every sample must have (``checksums.json`` too: :func:`shards.verify.verify_sample` checks it, with
-#: the hint to rebuild schema-1 shards).
+#: the hint to rebuild schema-1 shards; ``lidar2ego.npy``: :func:`decode_arrays`, from schema 3 on).
 REQUIRED_FIELDS: frozenset[str] = frozenset(
-    f for f in FIELD_ORDER if f not in (LIDARSEG_FIELD, EVAL_GT_FIELD, VOXEL_LABEL_FIELD, CHECKSUM_FIELD))
+    f for f in FIELD_ORDER
+    if f not in (LIDARSEG_FIELD, LIDAR2EGO_FIELD, EVAL_GT_FIELD, VOXEL_LABEL_FIELD, CHECKSUM_FIELD))
 
 #: File name of the per-directory manifest and of the progress folder used for resuming.
 MANIFEST_NAME = "manifest.json"
@@ -134,7 +140,8 @@ def encode_sample(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
     Args:
         sample: dict from :func:`shards.reader.load_sample` with keys ``token``, ``meta`` (dict),
             ``images`` (list of 6 JPEG ``bytes`` in :data:`CAMERAS` order), ``points`` float32 (N, 4),
-            ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` (6, 3, 3), ``lidar2cam`` (6, 4, 4), and
+            ``lidarseg`` uint8 (N,) or None, ``cam_intrinsic`` (6, 3, 3), ``lidar2cam`` (6, 4, 4),
+            ``lidar2ego`` (4, 4), and
             optionally ``eval_gt`` / ``voxel_label`` uint8 (X, Y, Z) (both or neither; the grid goes in
             ``meta["eval_gt_grid"]``).
 
@@ -151,6 +158,7 @@ def encode_sample(sample: dict[str, Any]) -> list[tuple[str, bytes]]:
         out.append((LIDARSEG_FIELD, encode_npy(np.asarray(sample["lidarseg"], dtype=np.uint8))))
     out.append((INTRINSIC_FIELD, encode_npy(np.asarray(sample["cam_intrinsic"], dtype=np.float64))))
     out.append((LIDAR2CAM_FIELD, encode_npy(np.asarray(sample["lidar2cam"], dtype=np.float64))))
+    out.append((LIDAR2EGO_FIELD, encode_npy(np.asarray(sample["lidar2ego"], dtype=np.float64))))
     stored = [sample.get("eval_gt") is not None, sample.get("voxel_label") is not None]
     if any(stored):
         if not all(stored) or not sample["meta"].get(EVAL_GT_GRID_KEY):
@@ -190,11 +198,12 @@ def decode_arrays(fields: dict[str, Any]) -> dict[str, Any]:
     Returns:
         dict with ``token`` (str), ``meta`` (dict), ``jpegs`` (list of 6 ``bytes``),
         ``points`` float32 (N, 4), ``lidarseg`` uint8 (N,) or None,
-        ``cam_intrinsic`` float64 (6, 3, 3), ``lidar2cam`` float64 (6, 4, 4).
+        ``cam_intrinsic`` float64 (6, 3, 3), ``lidar2cam`` float64 (6, 4, 4), ``lidar2ego`` float64 (4, 4)
+        or None (schema-2 shards).
 
     Raises:
-        SampleDecodeError: naming shard (``__url__``), key and member, for undecodable bytes or a meta.json
-            without ``sample_token``/``img_hw``.
+        SampleDecodeError: naming shard (``__url__``), key and member, for undecodable bytes, a meta.json
+            without ``sample_token``/``img_hw``, or a schema-3 sample without ``lidar2ego.npy``.
     """
     meta = _decode_member(fields, META_FIELD, decode_json)
     if not isinstance(meta, dict) or not isinstance(meta.get("sample_token"), str) or "img_hw" not in meta:
@@ -202,6 +211,10 @@ def decode_arrays(fields: dict[str, Any]) -> dict[str, Any]:
                                 f"{META_FIELD}: no sample_token / img_hw")
     seg = fields.get(LIDARSEG_FIELD)
     n_cam = len(CAMERAS)
+    if LIDAR2EGO_FIELD not in fields and meta.get("schema_version", 2) >= 3:
+        raise SampleDecodeError(f"{fields.get('__url__', '?')}: sample {fields.get('__key__', '?')}: member "
+                                f"{LIDAR2EGO_FIELD}: missing (a schema-3 sample has it); rebuild the split with "
+                                "scripts/build_shards.py")
     return {
         "token": meta["sample_token"],
         "meta": meta,
@@ -210,6 +223,8 @@ def decode_arrays(fields: dict[str, Any]) -> dict[str, Any]:
         "lidarseg": _decode_member(fields, LIDARSEG_FIELD, _npy_of(np.uint8, (None,))) if seg is not None else None,
         "cam_intrinsic": _decode_member(fields, INTRINSIC_FIELD, _npy_of(np.float64, (n_cam, 3, 3))),
         "lidar2cam": _decode_member(fields, LIDAR2CAM_FIELD, _npy_of(np.float64, (n_cam, 4, 4))),
+        "lidar2ego": (_decode_member(fields, LIDAR2EGO_FIELD, _npy_of(np.float64, (4, 4)))
+                      if LIDAR2EGO_FIELD in fields else None),
     }
 
 

@@ -107,6 +107,7 @@ def _plan_digest(split: str, version: str, index: int, records: list[SampleRecor
         h.update(json.dumps([r.token, r.cam_files, r.lidar_file, r.lidarseg_file, r.source_sizes]).encode())
         h.update(r.cam_intrinsic.tobytes())
         h.update(r.lidar2cam.tobytes())
+        h.update(r.lidar2ego.tobytes())
     return h.hexdigest()
 
 

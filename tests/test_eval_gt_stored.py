@@ -7,7 +7,6 @@ The schema-2 copies are written here with tarfile/hashlib/json only (independent
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import json
@@ -16,12 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _damage import rewrite_member
+from _schema2 import members as _members
+from _schema2 import write_v2_copy
 
 import shards.sample as sample_mod
 from shards import evalgt
@@ -34,7 +34,6 @@ from shards.writer import build_shards
 REPO = Path(__file__).resolve().parents[1]
 PAPER = GridSpec()
 TINY = GridSpec(size=(25, 25, 4))
-STORED = ("eval_gt.npy", "voxel_label.npy")
 
 
 @pytest.fixture(autouse=True)
@@ -110,46 +109,6 @@ def test_other_grid_is_computed_with_one_log_line(shard_root: str, monkeypatch, 
 # ---------------------------------------------------------------------------------------------------------
 # schema-2 shards still load
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
-    with tarfile.open(path) as tf:
-        return [(ti, tf.extractfile(ti).read()) for ti in tf.getmembers()]
-
-
-def write_v2_copy(src: str, out: Path, splits=("val",)) -> Path:
-    """A schema-2 shard set of ``src``'s ``splits``: no stored GT members, meta without eval_gt_grid,
-    checksum records, manifest digests, sizes and sha256 rewritten."""
-    out.mkdir(parents=True)
-    man = json.loads(Path(src, "manifest.json").read_text())
-    man["schema_version"] = 2
-    man["splits"] = {s: man["splits"][s] for s in splits}
-    for entry in man["splits"].values():
-        entry.pop("eval_gt_grid", None)
-        for sh in entry["shards"]:
-            buf, index, records = io.BytesIO(), [], {}
-            with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-                for ti, data in _members(Path(src, sh["name"])):
-                    key, _, field = ti.name.partition(".")
-                    if field in STORED:
-                        continue
-                    if field == "meta.json":
-                        meta = json.loads(data)
-                        meta.pop("eval_gt_grid")
-                        meta["schema_version"] = 2
-                        data = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-                    if field == "checksums.json":
-                        data = json.dumps({"members": records.pop(key)}, sort_keys=True, separators=(",", ":")).encode()
-                        index.append([key, hashlib.sha256(data).hexdigest()])
-                    else:
-                        records.setdefault(key, {})[field] = {"bytes": len(data),
-                                                              "sha256": hashlib.sha256(data).hexdigest()}
-                    ti.size = len(data)
-                    tf.addfile(ti, io.BytesIO(data))
-            Path(out, sh["name"]).write_bytes(buf.getvalue())
-            sh.update(samples=index, bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
-    Path(out, "manifest.json").write_text(json.dumps(man))
-    return out
 
 
 def test_schema2_shards_still_load_computed_with_one_log_line(shard_root: str, tmp_path: Path, caplog) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _schema2 import write_v2_copy
 
 from pop3d.occ3d import (
     FREE,
@@ -255,9 +256,19 @@ def test_eval_both_protocols_end_to_end(occ3d_val_gt, synthetic_root, shard_root
     assert occ["miou_no_others_otherflat"] == pytest.approx(100 * np.nanmean(iou[list(MIOU_NO_OTHERS_CLASSES)]))
     assert len({int(c) for p, _, _ in samples for c in np.unique(p)}) > 3  # prompts pick several classes
     assert occ["out_of_range_voxels"] > 0  # tiny config: z above 3 m in the LiDAR frame
+    # schema-3 shards carry lidar2ego: no nuScenes tables needed, the same numbers
+    res2 = tmp_path / "eval_no_tables.json"
+    r = subprocess.run(base + ["--protocol", "occ3d", "--occ3d-gt", str(out.parent), "--out", str(res2)],
+                       check=False, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(res2.read_text())["occ3d"] == occ
+    # schema-2 shards (no lidar2ego.npy) without --nuscenes-dataroot: one line naming the flag
+    v2 = write_v2_copy(shard_root, tmp_path / "v2")
+    r = subprocess.run([*base[:4], "--set", f"data.shards={v2}", *base[6:], "--protocol", "occ3d", "--occ3d-gt",
+                        str(out.parent)], check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "--nuscenes-dataroot" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     # errors: one line, exit 2
     for extra, needle in ((["--protocol", "occ3d"], "--occ3d-gt"),
-                          (["--protocol", "occ3d", "--occ3d-gt", str(tmp_path)], "nuscenes-dataroot"),
                           (["--protocol", "occ3d", "--occ3d-gt", str(tmp_path / "nope"), "--nuscenes-dataroot",
                             str(synthetic_root)], "no such Occ3D")):
         r = subprocess.run(base + extra, check=False, capture_output=True, text=True, env=env, timeout=600)

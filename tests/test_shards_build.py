@@ -21,6 +21,7 @@ from shards.schema import (
     EVAL_GT_FIELD,
     INTRINSIC_FIELD,
     LIDAR2CAM_FIELD,
+    LIDAR2EGO_FIELD,
     LIDAR_FIELD,
     LIDARSEG_FIELD,
     META_FIELD,
@@ -59,14 +60,17 @@ def build_args(manifest: dict) -> tuple[list[str], list[str], int]:
     return versions, splits, manifest["splits"][splits[0]]["samples_per_shard"]
 
 
-def devkit_lidar2cam(nusc, lidar_sd: dict, cam_sd: dict) -> np.ndarray:
-    """LiDAR -> camera with the devkit's own helpers (map_pointcloud_to_image's chain), float64."""
+def devkit_transform(rec: dict, inverse: bool = False) -> np.ndarray:
+    """The devkit's 4x4 of a calibrated_sensor / ego_pose record (pyquaternion for the rotation)."""
     from nuscenes.utils.geometry_utils import transform_matrix
     from pyquaternion import Quaternion
 
-    def tm(rec: dict, inverse: bool) -> np.ndarray:
-        return transform_matrix(rec["translation"], Quaternion(rec["rotation"]), inverse=inverse)
+    return transform_matrix(rec["translation"], Quaternion(rec["rotation"]), inverse=inverse)
 
+
+def devkit_lidar2cam(nusc, lidar_sd: dict, cam_sd: dict) -> np.ndarray:
+    """LiDAR -> camera with the devkit's own helpers (map_pointcloud_to_image's chain), float64."""
+    tm = devkit_transform
     return (
         tm(nusc.get("calibrated_sensor", cam_sd["calibrated_sensor_token"]), True)
         @ tm(nusc.get("ego_pose", cam_sd["ego_pose_token"]), True)
@@ -116,7 +120,7 @@ def test_round_trip_against_source_files_and_devkit(shard_root: str, synthetic_r
         # fixed member order, no extra dots in keys
         expected_fields = [META_FIELD, *CAMERA_FIELDS, LIDAR_FIELD]
         expected_fields += [LIDARSEG_FIELD] if entry["has_lidarseg"] else []
-        expected_fields += [INTRINSIC_FIELD, LIDAR2CAM_FIELD]
+        expected_fields += [INTRINSIC_FIELD, LIDAR2CAM_FIELD, LIDAR2EGO_FIELD]
         # the eval GT is stored by default for val (the paper grid), recorded in the manifest
         paper = {"pc_min": [-51.2, -51.2, -5.0], "pc_max": [51.2, 51.2, 3.0], "size": [100, 100, 8]}
         assert entry["eval_gt_grid"] == (paper if split == "val" else None)
@@ -149,6 +153,9 @@ def test_round_trip_against_source_files_and_devkit(shard_root: str, synthetic_r
                 np.testing.assert_array_equal(decode_npy(fields[INTRINSIC_FIELD])[c], np.asarray(K))
                 np.testing.assert_allclose(decode_npy(fields[LIDAR2CAM_FIELD])[c],
                                            devkit_lidar2cam(nusc, lidar_sd, cam_sd), rtol=0, atol=1e-9)
+            lidar_cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])  # LiDAR -> ego (devkit)
+            np.testing.assert_allclose(decode_npy(fields[LIDAR2EGO_FIELD]), devkit_transform(lidar_cs), rtol=0,
+                                       atol=1e-12)
             raw = np.fromfile(Path(root, lidar_sd["filename"]), dtype=np.float32).reshape(-1, 5)
             pts = decode_npy(fields[LIDAR_FIELD])
             assert pts.dtype == np.float32 and pts.shape == (raw.shape[0], 4)

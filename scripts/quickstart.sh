@@ -70,7 +70,7 @@ echo "== 5/7 zero-shot evaluation on the synthetic val split"
 $PY scripts/eval.py --config configs/tiny.yaml --weights $RUN/student.safetensors --text-embeddings "$TEXT"
 echo "== 5b/7 both protocols: POP-3D's ray-cast GT and Occ3D-nuScenes (synthetic Occ3D GT in $DATA/gts)"
 $PY scripts/eval.py --config configs/tiny.yaml --weights $RUN/student.safetensors --text-embeddings "$TEXT" \
-    --protocol both --occ3d-gt "$DATA" --nuscenes-dataroot "$DATA" --out $RUN/eval_both.json
+    --protocol both --occ3d-gt "$DATA" --out $RUN/eval_both.json
 echo "== 6/7 open-vocabulary retrieval on a synthetic benchmark in the original format -> $BENCH"
 $PY scripts/make_synthetic_retrieval.py --dataroot "$DATA" --out "$BENCH"
 $PY scripts/retrieval.py --config configs/tiny.yaml --weights $RUN/student.safetensors --benchmark "$BENCH" \

@@ -49,14 +49,27 @@ TARGETS = {"train_step": "<= 120 ms, peak memory <= 16 GB (H200, paper config, b
 NEVER_INSTALL = ("torch-", "torchvision-", "torchaudio-", "triton-", "nvidia_", "nvidia-")
 
 
+class WheelError(Exception):
+    """--wheels cannot be installed (one line for the user)."""
+
+
 def install_wheels(wheel_dir: str, target: str) -> list[str]:
-    """pip install --no-index --no-deps --target ``target`` every wheel of ``wheel_dir`` except torch & co."""
+    """pip install --no-index --no-deps --target ``target`` every wheel of ``wheel_dir`` except torch & co.
+
+    Raises WheelError naming the folder (and pip's last line) when there are none or pip refuses them, e.g.
+    wheels made for another Python (``scripts/gpu_wheels.sh DIR PYTHON_VERSION``)."""
     wheels = sorted(p for p in glob.glob(os.path.join(wheel_dir, "*.whl"))
                     if not os.path.basename(p).lower().startswith(NEVER_INSTALL))
     if not wheels:
-        raise SystemExit(f"--wheels {wheel_dir}: no .whl files there (webdataset, open_clip_torch, nuscenes-devkit)")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-                    "--target", target, *wheels], check=True)
+        raise WheelError(f"--wheels {wheel_dir}: no .whl files there (webdataset, open_clip_torch, nuscenes-devkit: "
+                         "bash scripts/gpu_wheels.sh DIR)")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                           "--target", target, *wheels], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "pip failed")
+        py = f"{sys.version_info.major}.{sys.version_info.minor}"
+        raise WheelError(f"--wheels {wheel_dir}: pip could not install them ({last.strip()}); wheels for this "
+                         f"Python {py}: bash scripts/gpu_wheels.sh DIR {py}")
     sys.path.insert(0, target)
     return [os.path.basename(w) for w in wheels]
 
@@ -491,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    installed = install_wheels(a.wheels, str(out_path.parent / "gpu_suite_site")) if a.wheels else []
+    try:  # into a fresh temp folder: nothing of the checkout or the Python is touched
+        installed = install_wheels(a.wheels, tempfile.mkdtemp(prefix="gpu_suite_site_")) if a.wheels else []
+    except WheelError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     import torch
 
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.dry_run else "cpu")

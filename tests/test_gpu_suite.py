@@ -81,7 +81,11 @@ def test_wheels_never_install_torch(tmp_path, monkeypatch):
                  "nuscenes_devkit-1.1.11-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
     calls = []
-    monkeypatch.setattr(gpu_suite.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gpu_suite.subprocess, "run", fake_run)
     monkeypatch.setattr(sys, "path", list(sys.path))
     got = gpu_suite.install_wheels(str(tmp_path), str(tmp_path / "site"))
     assert got == ["nuscenes_devkit-1.1.11-py3-none-any.whl", "open_clip_torch-3.2.0-py3-none-any.whl",
@@ -96,5 +100,11 @@ def test_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2 and "nonsense" in proc.stderr and "Traceback" not in proc.stderr
     proc, _ = _run(tmp_path, "--wheels", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+    bad = tmp_path / "bad_wheels"
+    bad.mkdir()
+    (bad / "webdataset-1.0.2-py3-none-any.whl").write_bytes(b"not a zip")  # pip refuses it: one line, exit 2
+    proc, _ = _run(tmp_path, "--wheels", str(bad))
+    assert proc.returncode == 2 and "pip could not install them" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     proc, _ = _run(tmp_path, "--batch-size", "0")
     assert proc.returncode == 2 and "--batch-size" in proc.stderr and "Traceback" not in proc.stderr

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from p3d_common.labels import RAW_TO_NOIGNORE
 from shards.errors import SampleDecodeError
-from shards.geometry import GridSpec, grid_indices, map_labels, raycast_eval_gt, voxel_majority_label
+from shards.geometry import GridSpec, grid_indices, raycast_eval_gt, voxel_majority_label
 from shards.schema import EVAL_GT_FIELD, EVAL_GT_GRID_KEY, META_FIELD, VOXEL_LABEL_FIELD, decode_npy
 
 log = logging.getLogger("shards.evalgt")
@@ -65,17 +64,19 @@ def grid_text(grid: GridSpec) -> str:
     return f"{'x'.join(str(v) for v in grid.shape)} over {[*lo, *hi]}"
 
 
-def eval_targets(points: np.ndarray, lidarseg: np.ndarray, grid: GridSpec) -> tuple[np.ndarray, np.ndarray]:
+def eval_targets(points: np.ndarray, labels: np.ndarray, grid: GridSpec, grid_ind: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation GT of one sample: (voxel_label, eval_gt), both uint8 (X, Y, Z).
 
     Args:
         points: float32 (N, >=3) in the LiDAR frame (as stored in ``lidar.npy``).
-        lidarseg: uint8 (N,) raw lidarseg ids (mapped to the noIgnore classes here).
+        labels: (N,) noIgnore labels 0..16 (``map_labels(lidarseg, RAW_TO_NOIGNORE)``).
         grid: the voxel volume.
+        grid_ind: float64 (N, 3) ``grid_indices(points, grid, np.float64)`` when the caller has them
+            (computed here otherwise).
     """
-    labels = map_labels(lidarseg, RAW_TO_NOIGNORE)
-    voxel_label = voxel_majority_label(grid_indices(points, grid, np.float64), labels, grid)
-    return voxel_label, raycast_eval_gt(points, labels, grid)
+    g = grid_indices(points, grid, np.float64) if grid_ind is None else grid_ind
+    return voxel_majority_label(g, labels, grid), raycast_eval_gt(points, labels, grid)
 
 
 def stored_grid(fields: dict[str, Any], meta: dict[str, Any]) -> GridSpec | None:

@@ -111,7 +111,7 @@ def compute_targets(
         labels = map_labels(lidarseg, RAW_TO_NOIGNORE)
         out["labels"] = labels.astype(np.int64)
         if with_eval_gt:  # evaluation targets only: training never reads them (voxel_label ~16 ms/sample)
-            vl_eg = stored if stored is not None else eval_targets(points, lidarseg, grid)
+            vl_eg = stored if stored is not None else eval_targets(points, labels, grid, g64)
             out["voxel_label"], out["eval_gt"] = vl_eg
     return out
 

@@ -46,8 +46,9 @@ from typing import Any
 
 import numpy as np
 
+from p3d_common.labels import RAW_TO_NOIGNORE
 from shards.evalgt import PAPER_GRID, eval_targets, grid_record
-from shards.geometry import GridSpec
+from shards.geometry import GridSpec, map_labels
 from shards.manifest import write_manifest
 from shards.outdir import (
     FORMAT_NAME,
@@ -243,8 +244,9 @@ def with_eval_gt(sample: dict[str, Any], grid: GridSpec | None, dataroot: str = 
     out = {**sample, "meta": meta}
     if store:
         try:
+            labels = map_labels(sample["lidarseg"], RAW_TO_NOIGNORE)
             out["voxel_label"], out["eval_gt"] = eval_targets(np.asarray(sample["points"], dtype=np.float32),
-                                                              sample["lidarseg"], grid)
+                                                              labels, grid)
         except ValueError as exn:
             path = os.path.join(dataroot, sample["meta"].get("lidarseg_file") or "?")
             raise DataError(f"{path}: lidarseg labels cannot be used for the evaluation GT ({exn})") from None

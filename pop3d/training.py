@@ -151,11 +151,8 @@ def train_step(model, teacher, micro_batches: list[dict[str, Any]], cfg: RunConf
     timer = StepTimer(accelerator.device)  # no host sync here: read by step_record on log steps
     timer.start()
     for batch in micro_batches:
-        epoch = batch["order"][0]
-        if cfg.data.photometric_aug and "photometric" not in batch:  # a batch not from TrainData's loader
-            batch = {**batch, "photometric": torch.stack([photometric_params(tc.seed, epoch, t, batch["images"].shape[1])
-                                                          for t in batch["tokens"]])}
-        grid_mask_generators = seed_sample_draws(tc.seed, epoch, batch["tokens"])
+        # the photometric parameters came with the batch (TrainData's loader: TrainSampleExtras)
+        grid_mask_generators = seed_sample_draws(tc.seed, batch["order"][0], batch["tokens"])
         batch = move_batch(batch, accelerator.device, TRAIN_KEYS)  # only what the step reads
         with accelerator.accumulate(model):
             terms, _ = compute_loss(model, teacher, batch, cfg, None, train=True, timer=timer,

@@ -221,10 +221,6 @@ class PlannedSamples(IterableDataset):
             if any(tuple(it[2]) != tuple(g[0][2]) for it in g):
                 raise ValueError(f"the items of one batch carry different tags: {[it[2] for it in g]}")
 
-    @property
-    def items(self) -> list[Item]:
-        return [it for g in self.groups for it in g]
-
     def _batch(self, group: list[Item], open_shards: dict[str, _ShardIndex]) -> dict[str, Any]:
         from shards.loader import collate, process_sample
 

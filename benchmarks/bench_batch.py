@@ -29,14 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 def build(device: torch.device, tmp: str):
     from pop3d.config import load_config
-    from pop3d.factory import build_student
+    from pop3d.factory import build_run_teacher, build_student
     from pop3d.schedule import build_optimizer
-    from teacher.live import build_teacher_from_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"train.output_dir={tmp}", "data.photometric_aug=true"])
     torch.manual_seed(0)
     model = build_student(cfg).to(device).train()
-    teacher = build_teacher_from_config(cfg.teacher, device)
+    teacher = build_run_teacher(cfg, device)
     return cfg, model, teacher, build_optimizer(model, cfg.train.lr)
 
 

@@ -240,13 +240,13 @@ def _train_parts(ctx):
     (unused when the batch carries the parameters)."""
     import torch
 
+    from pop3d.factory import build_run_teacher
     from pop3d.schedule import build_optimizer
-    from teacher.live import build_teacher_from_config
 
     cfg, sz, dev = ctx["cfg"], ctx["sz"], ctx["device"]
     cfg.teacher.compile = dev.type == "cuda"
     model = _student(ctx)
-    teacher = build_teacher_from_config(cfg.teacher, dev)
+    teacher = build_run_teacher(cfg, dev)  # the training run's teacher
     optimizer = build_optimizer(model, 1e-4)
     return (model, teacher, optimizer, _batch(cfg, sz, dev, batch_size=ctx.get("batch_size", 1)),
             torch.Generator().manual_seed(0))

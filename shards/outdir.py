@@ -88,7 +88,7 @@ def owned_names(out_dir: str) -> set[str]:
     names = {os.path.basename(p)[: -len(".json")]
              for p in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))}
     man = os.path.join(out_dir, MANIFEST_NAME)
-    if os.path.exists(man):  # check_output_dir has already checked its format and version
+    if os.path.exists(man):  # check_output_dir or delete_build has checked its format
         with open(man) as f:
             m = json.load(f)
         names |= {sh["name"] for e in m.get("splits", {}).values() for sh in e.get("shards", [])}
@@ -133,8 +133,7 @@ def delete_build(out_dir: str) -> list[str]:
         DataError: ``manifest.json`` or ``build.json`` is not this builder's (the folder is not a build's).
     """
     man, build = os.path.join(out_dir, MANIFEST_NAME), os.path.join(out_dir, PROGRESS_DIR, BUILD_FILE)
-    names: set[str] = {os.path.basename(p)[: -len(".json")]
-                       for p in glob.glob(os.path.join(out_dir, PROGRESS_DIR, "*.tar.json"))}
+    records = {}
     for path in (man, build):
         if not os.path.exists(path):
             continue
@@ -146,23 +145,18 @@ def delete_build(out_dir: str) -> list[str]:
         except (json.JSONDecodeError, ValueError) as exn:
             raise DataError(f"{path}: not a record of build_shards ({exn}); --overwrite deletes only a build's own "
                             "files: move the folder away or use another --out") from None
-        if path == man:
-            names |= {sh["name"] for e in rec.get("splits", {}).values() for sh in e.get("shards", [])}
+        records[path] = rec
+    old_id = str(records.get(build, {}).get("build_id", ""))
+    deleted = ([os.path.relpath(p, out_dir) for p in clean_temp_files(out_dir, old_id)]
+               if re.fullmatch(r"[0-9a-f]{16}", old_id) else [])
+    names = owned_names(out_dir)  # the records are this builder's (checked above)
     doomed = [n for n in names if SHARD_RE.match(n)] + [os.path.join(PROGRESS_DIR, n + ".json") for n in names]
-    doomed += [MANIFEST_NAME, os.path.join(PROGRESS_DIR, BUILD_FILE)]
-    if os.path.exists(build):
-        with open(build) as f:
-            old_id = str(json.load(f).get("build_id", ""))
-        if re.fullmatch(r"[0-9a-f]{16}", old_id):
-            doomed += [os.path.relpath(p, out_dir) for p in glob.glob(os.path.join(out_dir, f"*.tmp-{old_id}-*"))
-                       + glob.glob(os.path.join(out_dir, PROGRESS_DIR, f"*.tmp-{old_id}-*"))]
-    deleted = []
-    for rel in sorted(set(doomed)):
+    for rel in sorted({*doomed, MANIFEST_NAME, os.path.join(PROGRESS_DIR, BUILD_FILE)}):
         path = os.path.join(out_dir, rel)
         if os.path.isfile(path) and not os.path.islink(path):
             os.remove(path)
             deleted.append(rel)
-    return deleted
+    return sorted(deleted)
 
 
 def check_output_dir(out_dir: str) -> None:
